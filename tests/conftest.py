@@ -1,0 +1,30 @@
+"""Shared test helpers: where ../shared is, and skipping when it is absent."""
+import os
+import pathlib
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get('AOT_SHARED_DIR', REPO.parent / 'shared'))
+
+
+def shared_path(*parts):
+    """Path inside ../shared; skips the calling test with a reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f'needs {path} (the shared reference folder next to the checkout; '
+                    f'set AOT_SHARED_DIR to point elsewhere)')
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    # The golden fixtures were made with 2 threads; results are reproducible only to
+    # ~1e-6 across thread counts, which the tolerances cover.
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: long-running test (deselect with -m "not slow")')
