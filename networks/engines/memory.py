@@ -1,0 +1,135 @@
+"""Explicit memory state of the propagation engines.
+
+Upstream keeps memory as positional 4-lists per layer (``[K, V, None, ID_V]``) that are
+mutated in place. Here each stored frame of each layer is a :class:`MemoryEntry` with
+named fields, and the whole state of one video lives in a :class:`VOSMemory`.
+
+Layout conventions
+* long-term entries are sequence-first ``(L, B, C)``; concatenating frames along ``L``
+  gives the keys/values the long-term attention reads (newest frame first, as upstream);
+* short-term entries are 2D ``(B, C, h, w)`` (what the local attention reads).
+"""
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class MemoryEntry:
+    """One frame of one layer.
+
+    ``key``: ``(L, B, Ck)``; ``value``: ``(L, B, Cv)`` (AOT: visual value with the ID
+    embedding fused in; DeAOT: visual value); ``id_value``: DeAOT's ID value
+    ``(L, B, Cv)``, ``None`` for AOT. The same fields hold 2D maps for short-term memory.
+    """
+    key: Tensor
+    value: Tensor
+    id_value: Optional[Tensor] = None
+
+    def map(self, fn):
+        return MemoryEntry(*(None if t is None else fn(t)
+                             for t in (self.key, self.value, self.id_value)))
+
+    @staticmethod
+    def cat(entries, dim=0):
+        """Concatenate entries field by field (fields that are ``None`` stay ``None``)."""
+        first = entries[0]
+        out = []
+        for name in ('key', 'value', 'id_value'):
+            if getattr(first, name) is None:
+                out.append(None)
+            elif len(entries) == 1:
+                out.append(getattr(first, name))
+            else:
+                out.append(torch.cat([getattr(e, name) for e in entries], dim=dim))
+        return MemoryEntry(*out)
+
+
+@dataclass
+class VOSMemory:
+    """Memory of one video for an engine with ``num_layers`` propagation layers.
+
+    ``long_term[i]`` is the list of stored frames (newest first) of layer ``i``;
+    ``long_term_steps`` holds the frame index of each stored frame (same order). The
+    oldest entry is the reference frame; a cap (``max_long_term`` stored frames) drops
+    the oldest non-reference frame first, so the reference is always kept.
+    """
+    num_layers: int
+    max_long_term: Optional[int] = None
+    long_term: List[List[MemoryEntry]] = field(default_factory=list)
+    long_term_steps: List[int] = field(default_factory=list)
+    short_term: Optional[List[MemoryEntry]] = None
+    short_term_queue: List[List[MemoryEntry]] = field(default_factory=list)
+    last_long_term_step: int = -1
+    _cat_cache: List[Optional[MemoryEntry]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if not self.long_term:
+            self.long_term = [[] for _ in range(self.num_layers)]
+        self._cat_cache = [None] * self.num_layers
+        if self.max_long_term is not None and self.max_long_term < 1:
+            raise ValueError(f'max_long_term must be >= 1 (the reference frame), '
+                             f'got {self.max_long_term}')
+
+    # -- long-term -------------------------------------------------------------------
+    @property
+    def num_long_term_frames(self):
+        return len(self.long_term_steps)
+
+    def num_long_term_tokens(self, layer=0):
+        return sum(e.key.shape[0] for e in self.long_term[layer])
+
+    def layer_long_term(self, layer):
+        """Concatenated long-term entry of ``layer`` (cached until the next write)."""
+        if self._cat_cache[layer] is None:
+            if not self.long_term[layer]:
+                return None
+            self._cat_cache[layer] = MemoryEntry.cat(self.long_term[layer], dim=0)
+        return self._cat_cache[layer]
+
+    def prepend_long_term(self, entries, step):
+        """Store one frame (a list of per-layer entries) as the newest long-term frame."""
+        if len(entries) != self.num_layers:
+            raise ValueError(f'expected {self.num_layers} layer entries, got {len(entries)}')
+        for layer, entry in enumerate(entries):
+            self.long_term[layer].insert(0, entry)
+        self.long_term_steps.insert(0, step)
+        self._cat_cache = [None] * self.num_layers
+        self.cap_long_term()
+
+    def cap_long_term(self):
+        if self.max_long_term is None:
+            return
+        while len(self.long_term_steps) > self.max_long_term:
+            drop = len(self.long_term_steps) - 2  # oldest after the reference
+            if drop < 0:
+                break
+            for layer in range(self.num_layers):
+                del self.long_term[layer][drop]
+            del self.long_term_steps[drop]
+            self._cat_cache = [None] * self.num_layers
+
+    # -- short-term ------------------------------------------------------------------
+    def push_short_term(self, entries_2d, skip=1):
+        """Add the newest frame's 2D entries; short-term memory is the frame ``skip`` back."""
+        self.short_term_queue.append(entries_2d)
+        if len(self.short_term_queue) > skip:
+            self.short_term_queue = self.short_term_queue[-skip:]
+        self.short_term = self.short_term_queue[0]
+
+    def reset_short_term(self, entries_2d):
+        self.short_term_queue = [entries_2d]
+        self.short_term = entries_2d
+
+    def detach_(self):
+        """Cut the autograd graph of everything stored (for truncated BPTT)."""
+        self.long_term = [[e.map(torch.Tensor.detach) for e in frames]
+                          for frames in self.long_term]
+        self._cat_cache = [None] * self.num_layers
+        if self.short_term is not None:
+            self.short_term_queue = [[e.map(torch.Tensor.detach) for e in f]
+                                     for f in self.short_term_queue]
+            self.short_term = self.short_term_queue[0]
+        return self
