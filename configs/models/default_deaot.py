@@ -20,7 +20,7 @@ class DefaultModelConfig(_AOTDefault):
         self.MODEL_GDA_GRID = 2            # g: stride of the reference grid
         self.MODEL_GDA_GROUPS = 2          # S: offset groups over the 128-d query
         self.MODEL_GDA_KERNEL = 5          # depthwise kernel of the offset network
-        self.MODEL_GDA_OFFSET_SCALE = 2.0  # s: offsets bounded to s*tanh(.) key cells
+        self.MODEL_GDA_OFFSET_SCALE = 2.0  # s: offset = s*tanh(o)/W_g normalised (<= s/2 key cells)
         self.MODEL_GDA_NO_OFFSET = False   # ablation: sample on the fixed grid only
 
 

@@ -73,7 +73,7 @@ class GatedPropagation(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dw_conv = DWConv2d(self.expand_d_vu)
         self.projection = nn.Linear(self.expand_d_vu, d_vu)
-        # Set to a dict to receive {'attn': (B, H, L, N), 'id_out': (B, L, E/2)}.
+        # Set to a dict to receive {'attn': (B, H, L, N), 'id_out': (B, L, E/2)} (gated).
         self.capture: Optional[dict] = None
         self._init_weight()
 
@@ -112,11 +112,12 @@ class GatedPropagation(nn.Module):
             out = self.dropout(attn) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        out = out.permute(2, 0, 1, 3).reshape(L, B, self.expand_d_vu)  # (L, B, E)
+        out = out.permute(2, 0, 1, 3).reshape(L, B, self.expand_d_vu) * U  # (L, B, E)
         if self.capture is not None:
+            # Same contract as GatedDeformableAttention: the ID half of the gated output.
             self.capture['attn'] = attn
             self.capture['id_out'] = out[..., self.expand_d_vu // 2:].transpose(0, 1)
-        out = self.dw_conv(out * U, size_2d)
+        out = self.dw_conv(out, size_2d)
         return self.projection(out), attn
 
 
