@@ -169,14 +169,20 @@ class AOTEngine(nn.Module):
         if self.pos_emb is None:
             self.pos_emb = self._to_tokens(
                 self.AOT.get_pos_emb(enc[-1]).expand(self.batch_size, -1, -1, -1))
+        self._reference_pass(one_hot, self.frame_step)
+
+    def _reference_pass(self, one_hot, step):
+        """Propagate the current frame against itself under its known IDs and store the
+        result: prepended to long-term memory (whatever the gap) and as short-term memory."""
         id_emb = self.assign_identity(one_hot)
         self.curr_id_embs = id_emb
+        empty = [None] * self.memory.num_layers
         outputs, currs, refs = self.AOT.LSTT_forward(
-            enc, [None] * self.memory.num_layers, [None] * self.memory.num_layers, id_emb,
-            pos_emb=self.pos_emb, size_2d=self.enc_size_2d)
+            self.curr_enc_embs, empty, empty, id_emb, pos_emb=self.pos_emb,
+            size_2d=self.enc_size_2d)
         self.curr_lstt_output = (outputs, currs, refs)
-        self.memory.prepend_long_term(refs, self.frame_step)
-        self.memory.last_long_term_step = self.frame_step
+        self.memory.prepend_long_term(refs, step)
+        self.memory.last_long_term_step = step
         self.memory.reset_short_term([r.map(self._seq_to_2d) for r in refs])
 
     def _seq_to_2d(self, t):
@@ -350,15 +356,7 @@ class AOTEngine(nn.Module):
         self.frame_step = frame_step
         enc, one_hot = self.encode_one_img_mask(None, None, frame_step)
         self.curr_enc_embs = enc
-        id_emb = self.assign_identity(one_hot)
-        self.curr_id_embs = id_emb
-        outputs, currs, refs = self.AOT.LSTT_forward(
-            enc, [None] * self.memory.num_layers, [None] * self.memory.num_layers, id_emb,
-            pos_emb=self.pos_emb, size_2d=self.enc_size_2d)
-        self.curr_lstt_output = (outputs, currs, refs)
-        self.memory.prepend_long_term(refs, frame_step)
-        self.memory.last_long_term_step = frame_step
-        self.memory.reset_short_term([r.map(self._seq_to_2d) for r in refs])
+        self._reference_pass(one_hot, frame_step)
 
 
 class AOTInferEngine(nn.Module):
