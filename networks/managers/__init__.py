@@ -1,0 +1,1 @@
+"""Managers that drive models and engines: training (``trainer``), evaluation and inference."""

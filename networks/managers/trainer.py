@@ -1,0 +1,811 @@
+"""Training manager (upstream ``networks/managers/trainer.py``).
+
+``Trainer(rank, cfg, device=...)`` builds the model, the optimiser, the data pipeline and
+(for ``cfg.TRAIN_GPUS > 1`` processes) DistributedDataParallel; ``sequential_training()`` runs
+the loop. One process per device; ``tools/train.py`` launches them (one process, ``--gpu_num N``
+spawned processes, or ``torchrun`` across machines).
+
+What a step does, as upstream (``upstream_deaot.md`` §5) with its bugs fixed (§8):
+
+* LR: warm-up + poly decay per step (:mod:`utils.learning`), encoder groups scaled by
+  ``TRAIN_LR_ENCODER_RATIO``; from ``int(TRAIN_SEQ_TRAINING_START_RATIO * TOTAL)`` on, the
+  *sequential phase*: memory IDs come from the model's own predictions (``use_prev_pred``) and
+  ``TRAIN_SEQ_TRAINING_FREEZE_PARAMS`` (``patch_wise_id_bank``) get lr 0 and no weight decay.
+* forward under ``torch.autocast(device_type, dtype)`` when AMP is on (fp16 with a
+  ``GradScaler``, or bf16 without one); backward; the gradients are unscaled *before*
+  ``clip_grad_norm_(TRAIN_CLIP_GRAD_NORM)``, so clipping acts on the true float32 gradients in
+  every mode (upstream's fp32 path clipped before backward, i.e. never); optimiser step; EMA
+  update on rank 0.
+* exactly ``TRAIN_TOTAL_STEPS`` steps (upstream ran one more after its last checkpoint).
+* checkpoints every ``TRAIN_SAVE_STEP`` steps and at the end: ``DIR_CKPT/save_step_N.pth`` in
+  upstream's format (``state_dict`` with bare model keys, ``optimizer``, ``scaler``) plus our
+  extra keys ``trainer`` (step, seed, batch, ...) and ``step_state``; and
+  ``DIR_EMA_CKPT/save_step_N.pth`` holding the EMA weights under ``state_dict`` and the EMA
+  counters under ``ema`` -- but *no* optimiser state (upstream copied the live optimiser into
+  the EMA file, doubling its size for nothing). Upstream's ``load_network`` reads only
+  ``state_dict``, so it still loads both files. Files are written to a temporary name and
+  renamed; the EMA file is written first, so a ``save_step_N.pth`` in ``DIR_CKPT`` means step
+  N was saved completely. Only the newest ``TRAIN_MAX_KEEP_CKPT`` files per folder are kept.
+* resume: from the latest ``DIR_CKPT/save_step_N.pth`` (``TRAIN_AUTO_RESUME``) or from
+  ``TRAIN_RESUME_STEP`` (``--resume_step``): model, optimiser (matched by parameter name),
+  scaler, EMA and the data position. Otherwise, from ImageNet weights for the encoder
+  (``PRETRAIN`` and not ``PRETRAIN_FULL``; ``MODEL_ENCODER_PRETRAIN``) or a whole VOS model
+  (``PRETRAIN_FULL``; ``PRETRAIN_MODEL``). A missing weight file is an error naming it.
+
+Logging (rank 0): a tqdm bar (loss, lr, it/s), a line every ``TRAIN_LOG_STEP`` steps with the
+loss, lr, it/s, gradient norm and per-frame loss / IoU averaged over the steps and processes
+since the last line (also appended to ``DIR_LOG/train.log``), and the same scalars in
+tensorboard when ``TRAIN_TBLOG`` is set and ``tensorboard`` is installed (an optional
+dependency). Upstream's JPEG visualisations (``TRAIN_IMG_LOG``) are not written. The training
+loss is not comparable across steps (its auxiliary weight and hard-pixel mining follow a
+schedule); :func:`evaluate_step` gives a fixed criterion.
+
+DDP wraps the step's engine (``static_graph=True``: the parameters that get no gradient --
+AOT's ``mask_token``; the ID bank in the sequential phase -- are found once per phase, the
+wrapper being rebuilt when the phase changes). Optimiser groups are named after the bare model
+(``LSTT.layers.0...``, not upstream's ``module.AOT.LSTT...``), so optimiser states move between
+DDP and single-process runs.
+
+Reproducibility: the data order is a function of ``(seed, epoch)`` only and is cut into
+*global* batches, each process taking its slice (:class:`GlobalBatchSampler`); each step
+re-seeds torch's global RNG from ``(seed, step, rank)`` (drop-path, dropout) and draws the
+ID shuffle of every sample of the global batch from ``(seed, step)``. So a run resumed at step
+N continues exactly as the uninterrupted run, and N processes on B/N samples each compute the
+same update as one process on all B (with drop-path off; its masks are drawn per process).
+
+Extension point -- the training step
+------------------------------------
+The per-step computation is a replaceable strategy object, ``trainer.step_fn``, an instance of
+:class:`TrainStep`. The trainer owns everything around it (optimiser, LR, AMP, clipping, EMA,
+DDP process group, checkpoints, data, logging); the step owns how a batch becomes a loss::
+
+    class MyStep(TrainStep):
+        def __init__(self, trainer): ...                     # build engines, a teacher, ...
+        def named_trainable_parameters(self): ...            # what the optimiser updates
+        def wrap_distributed(self, wrap): ...                # DDP-wrap what needs it
+        def __call__(self, batch, step): return loss, logs   # loss: 0-d tensor, logs: 0-d tensors
+
+Which step is used (:func:`build_train_step`): the ``step_fn`` argument of :class:`Trainer`;
+else a ``build_step(trainer)`` function in the config's module (``configs/<stage>.py``); else,
+when ``cfg.TRAIN_KD`` is true, ``kd.distiller.build_step(trainer)``; else
+:class:`SupervisedStep` (upstream's supervised training). A distillation step builds its
+teacher inside ``build_step``: frozen (``eval()``, ``requires_grad_(False)``), never passed to
+``wrap_distributed`` (so not DDP-wrapped) and not part of ``named_trainable_parameters`` or
+``state_dict`` (so neither optimised nor checkpointed). Only ``trainer.model`` (the student)
+is checkpointed and averaged by the EMA; extra trainable modules of a step (e.g. projection
+heads) go into its ``named_trainable_parameters`` and ``state_dict``.
+"""
+import datetime
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Sampler
+
+from networks.engines import build_engine
+from networks.engines.identity import generate_permute_matrix
+from networks.models import GDA_NEW_KEY_PREFIXES, build_vos_model
+from utils.checkpoint import (atomic_torch_save, checkpoint_path, extract_state_dict,
+                              latest_checkpoint, load_network, prune_checkpoints, save_network)
+from utils.ema import ModelEma, ema_decay
+from utils.learning import adjust_learning_rate, get_trainable_params, load_optimizer_state
+from utils.meters import MetricAccumulator
+
+logger = logging.getLogger(__name__)
+
+__all__ = ['Trainer', 'TrainStep', 'SupervisedStep', 'GlobalBatchSampler', 'build_train_step',
+           'evaluate_step', 'derive_seed']
+
+AMP_DTYPES = {'fp16': torch.float16, 'float16': torch.float16, 'bf16': torch.bfloat16,
+              'bfloat16': torch.bfloat16}
+
+
+def derive_seed(*parts):
+    """A 63-bit seed from integers/strings (stable across runs and platforms)."""
+    words = [int(p) if not isinstance(p, str) else int.from_bytes(p.encode()[:8], 'little')
+             for p in parts]
+    state = np.random.SeedSequence([w % 2 ** 64 for w in words]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def sequential_start_step(cfg):
+    """First step of the sequential phase (upstream: ``int(ratio * total)``)."""
+    return int(cfg.TRAIN_SEQ_TRAINING_START_RATIO * cfg.TRAIN_TOTAL_STEPS)
+
+
+# ------------------------------------------------------------------------------------------
+# data order
+
+
+class GlobalBatchSampler(Sampler):
+    """Index lists of this process's share of each global batch.
+
+    Epoch ``e`` visits a permutation of the dataset drawn from ``(seed, e)`` in global batches
+    of ``global_batch`` samples (a tail that fills no batch is dropped); process ``rank`` of
+    ``world_size`` takes the ``rank``-th slice of ``global_batch / world_size`` samples. The
+    order thus depends only on the seed, not on the number of processes, and training step
+    ``s`` always sees global batch ``s % batches_per_epoch`` of epoch
+    ``s // batches_per_epoch`` (see :meth:`position`).
+    """
+
+    def __init__(self, num_samples, global_batch, rank=0, world_size=1, seed=0, shuffle=True):
+        if global_batch <= 0 or global_batch % world_size:
+            raise ValueError(f'the global batch size ({global_batch}) must be a positive '
+                             f'multiple of the number of processes ({world_size})')
+        self.num_samples = int(num_samples)
+        self.global_batch = int(global_batch)
+        self.local_batch = self.global_batch // world_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.batches_per_epoch = self.num_samples // self.global_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f'the training set has {self.num_samples} clips, fewer than one '
+                             f'global batch of {self.global_batch}')
+        self.epoch, self.start_batch = 0, 0
+
+    def position(self, step):
+        """``(epoch, batch index in the epoch)`` that training step ``step`` uses."""
+        return divmod(int(step), self.batches_per_epoch)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def permutation(self, epoch):
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator()
+        g.manual_seed(derive_seed(self.seed, epoch, 'data-order'))
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self):
+        perm = self.permutation(self.epoch)
+        for i in range(self.start_batch, self.batches_per_epoch):
+            first = i * self.global_batch + self.rank * self.local_batch
+            yield perm[first:first + self.local_batch].tolist()
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+
+# ------------------------------------------------------------------------------------------
+# training steps
+
+
+class TrainStep:
+    """Base of the per-step strategies (see the module docstring).
+
+    Subclasses set ``self.cfg`` and ``self.model`` (the trained, checkpointed model) and
+    implement ``__call__(batch, step) -> (loss, logs)``.
+    """
+
+    cfg = None
+    model = None
+
+    def named_trainable_parameters(self):
+        """``(name, parameter)`` pairs the optimiser updates; names key the param groups and
+        the optimiser state in checkpoints, so keep them free of wrapper prefixes."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def wrap_distributed(self, wrap):
+        """Called once when training runs in several processes. ``wrap(module,
+        find_unused_parameters=False, static_graph=False)`` returns a DDP wrapper of ``module``;
+        the step keeps it and runs its forward passes through it."""
+        raise NotImplementedError(f'{type(self).__name__} does not support distributed training')
+
+    def frozen_param_keys(self, step):
+        """Name substrings whose groups get lr 0 and no weight decay at ``step``."""
+        if step >= sequential_start_step(self.cfg):
+            return list(self.cfg.TRAIN_SEQ_TRAINING_FREEZE_PARAMS)
+        return []
+
+    def train(self):
+        self.model.train()
+
+    def state_dict(self):
+        """Extra state to checkpoint (under ``step_state``); the model is saved anyway."""
+        return {}
+
+    def load_state_dict(self, state):
+        if state:
+            raise ValueError(f'{type(self).__name__} has no state to load, got {sorted(state)}')
+
+    def __call__(self, batch, step):
+        raise NotImplementedError
+
+
+def mean_object_iou(pred, gt, obj_nums, max_obj_num):
+    """Mean over samples of the mean foreground IoU of objects ``1..obj_num`` (an object
+    absent from both prediction and ground truth counts 1). ``pred``/``gt``: ``(B, H, W)``."""
+    ids = torch.arange(1, max_obj_num + 1, device=pred.device).view(1, -1, 1, 1)
+    p, g = pred.unsqueeze(1) == ids, gt.unsqueeze(1) == ids
+    inter = (p & g).sum((2, 3)).float()
+    union = (p | g).sum((2, 3)).float()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    valid = (ids.view(1, -1) <= obj_nums.view(-1, 1)).float()
+    return ((iou * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+
+
+class SupervisedStep(TrainStep):
+    """Upstream's supervised step: the training engine runs a clip against its ground truth.
+
+    Args:
+        cfg, model, device: as the trainer's.
+        rank, world_size, seed: for the world-size-independent ID shuffle.
+        enable_prev_frame: clips carry a separate previous frame used as a second reference.
+        id_shuffle: shuffle object IDs per sample (upstream always does in training).
+    """
+
+    def __init__(self, cfg, model, device, rank=0, world_size=1, seed=0, enable_prev_frame=False,
+                 id_shuffle=True):
+        self.cfg, self.model, self.device = cfg, model, torch.device(device)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.enable_prev_frame = enable_prev_frame
+        self.id_shuffle = id_shuffle
+        self.engine = build_engine(cfg.MODEL_ENGINE, 'train', aot_model=model,
+                                   gpu_id=self.device.index or 0,
+                                   long_term_mem_gap=cfg.TRAIN_LONG_TERM_MEM_GAP)
+        self._wrap = None
+        self._ddp = None
+        self._ddp_phase = None
+
+    def train(self):
+        self.engine.train()
+
+    def wrap_distributed(self, wrap):
+        self._wrap = wrap
+
+    def _forward_module(self, step):
+        if self._wrap is None:
+            return self.engine
+        # Which parameters get no gradient is fixed within a phase (AOT's mask_token always;
+        # in the sequential phase the ID embeddings are detached, so the ID bank and its norm
+        # too). A static graph lets DDP find them once instead of searching every step
+        # (find_unused_parameters); the wrapper is rebuilt when the phase changes.
+        phase = self.use_prev_pred(step)
+        if self._ddp is None or self._ddp_phase != phase:
+            self._ddp = None  # drop the old reducer (and its autograd hooks) first
+            self._ddp = self._wrap(self.engine, static_graph=True)
+            self._ddp_phase = phase
+        return self._ddp
+
+    def use_prev_pred(self, step):
+        return step >= sequential_start_step(self.cfg)
+
+    def shuffle_matrices(self, step, batch_size):
+        """This process's ID permutations, drawn for the whole global batch from
+        ``(seed, step)`` so that they do not depend on how the batch is split."""
+        g = torch.Generator()
+        g.manual_seed(derive_seed(self.seed, step, 'id-shuffle'))
+        full = generate_permute_matrix(self.cfg.MODEL_MAX_OBJ_NUM + 1,
+                                       batch_size * self.world_size, generator=g)
+        return full[self.rank * batch_size:(self.rank + 1) * batch_size].to(self.device)
+
+    def prepare_batch(self, batch):
+        """Collated sample dict -> frame-major ``(T*B, 3, H, W)`` frames, ``(T*B, 1, H, W)``
+        labels and the per-sample object counts."""
+        dev = self.device
+        nb = dev.type == 'cuda'
+        frames = [batch['ref_img'], batch['prev_img']] + list(batch['curr_img'])
+        labels = [batch['ref_label'], batch['prev_label']] + list(batch['curr_label'])
+        obj_nums = [int(n) for n in batch['meta']['obj_num']]
+        too_many = [n for n in obj_nums if n > self.cfg.MODEL_MAX_OBJ_NUM]
+        if too_many:
+            names = batch['meta'].get('seq_name')
+            raise ValueError(f'training clip(s) {names} hold {max(too_many)} objects, more than '
+                             f'MODEL_MAX_OBJ_NUM={self.cfg.MODEL_MAX_OBJ_NUM}')
+        frames = torch.cat(frames, dim=0).to(dev, non_blocking=nb)
+        labels = torch.cat(labels, dim=0).to(dev, non_blocking=nb)
+        return frames, labels, obj_nums, batch['ref_img'].shape[0]
+
+    def __call__(self, batch, step):
+        frames, labels, obj_nums, bs = self.prepare_batch(batch)
+        self.engine.restart_engine(bs, enable_id_shuffle=False)
+        if self.id_shuffle:
+            self.engine.enable_id_shuffle = True
+            self.engine.id_shuffle_matrix = self.shuffle_matrices(step, bs)
+        loss, masks, frame_losses, _ = self._forward_module(step)(
+            frames, labels, bs, obj_nums=obj_nums, step=step, tf_board=False,
+            use_prev_pred=self.use_prev_pred(step), enable_prev_frame=self.enable_prev_frame,
+            use_prev_prob=self.cfg.MODEL_USE_PREV_PROB)
+        loss = loss.mean()
+        with torch.no_grad():
+            logs = {'loss': loss.detach().float()}
+            counts = torch.as_tensor(obj_nums, device=labels.device)
+            for i, (mask, frame_loss) in enumerate(zip(masks, frame_losses)):
+                gt = labels[i * bs:(i + 1) * bs, 0]
+                logs[f'frame{i}_loss'] = frame_loss.detach().float().mean()
+                logs[f'frame{i}_iou'] = 100 * mean_object_iou(
+                    mask, gt, counts, self.cfg.MODEL_MAX_OBJ_NUM)
+            logs['obj_num'] = counts.float().mean()
+        return loss, logs
+
+
+@torch.no_grad()
+def evaluate_step(step_fn, batches, step=0):
+    """Mean logs of ``step_fn`` over fixed ``batches`` without gradients, in eval mode (no
+    dropout or drop-path) and at one fixed schedule ``step``.
+
+    Use this to tell whether training works: the *training* loss is not comparable across
+    steps, because its auxiliary-frame weight decays to 0 over ``TRAIN_AUX_LOSS_RATIO * TOTAL``
+    steps and its cross-entropy keeps only the hardest pixels (100% down to 15%) over
+    ``TRAIN_HARD_MINING_RATIO * TOTAL`` steps, as upstream.
+    """
+    modules = [m for m in vars(step_fn).values() if isinstance(m, nn.Module)]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        meter = MetricAccumulator()
+        for batch in batches:
+            _, logs = step_fn(batch, step)
+            meter.add(logs)
+        return meter.averages(reduce=False)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def build_train_step(trainer):
+    """The step for ``trainer`` (see "Extension point" in the module docstring)."""
+    cfg = trainer.cfg
+    factory = getattr(sys.modules.get(type(cfg).__module__), 'build_step', None)
+    if factory is None and getattr(cfg, 'TRAIN_KD', False):
+        try:
+            from kd.distiller import build_step as factory
+        except ImportError as err:
+            raise ImportError(f'cfg.TRAIN_KD is set ({type(cfg).__module__}) but '
+                              f'kd.distiller.build_step cannot be imported: {err}') from err
+    if factory is not None:
+        return factory(trainer)
+    return SupervisedStep(cfg, trainer.model, trainer.device, trainer.rank, trainer.world_size,
+                          trainer.seed, trainer.enable_prev_frame)
+
+
+# ------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """One training process.
+
+    Args:
+        rank: global rank of this process (0 for a single process).
+        cfg: an engine config (``configs.default.build_config``); ``cfg.TRAIN_GPUS`` is the
+            number of processes and ``cfg.TRAIN_BATCH_SIZE`` the global batch.
+        device: ``'cuda'``, ``'cpu'`` or a ``torch.device``; default CUDA when available. On
+            CUDA the process uses GPU ``local_rank + cfg.DIST_START_GPU``.
+        local_rank: rank on this machine (default ``rank``).
+        enable_amp: autocast the forward pass; ``amp_dtype`` ``'fp16'`` (with a GradScaler) or
+            ``'bf16'`` (none needed).
+        seed: drives model init, data order, augmentation, ID shuffle and per-step RNG.
+        dataset: a training set (default ``build_train_dataset(cfg, seed)``); items are
+            upstream's sample dicts.
+        step_fn: a :class:`TrainStep`, or a callable ``trainer -> TrainStep``.
+        workers: DataLoader workers (default ``cfg.DATA_WORKERS``).
+        progress: show a tqdm bar on rank 0.
+        pretrain: set False to skip ImageNet / full-model initialisation (random weights).
+    """
+
+    def __init__(self, rank, cfg, device=None, local_rank=None, enable_amp=False,
+                 amp_dtype='fp16', seed=0, dataset=None, step_fn=None, workers=None,
+                 progress=True, pretrain=True):
+        self.cfg = cfg
+        self.rank = int(rank)
+        self.local_rank = self.rank if local_rank is None else int(local_rank)
+        self.world_size = max(int(cfg.TRAIN_GPUS), 1)
+        self.seed = int(seed)
+        self.progress = progress
+        self.workers = cfg.DATA_WORKERS if workers is None else int(workers)
+        self._log_file = None
+        self._tb = None
+        self._owns_process_group = False
+
+        self.device = self._setup_device(device)
+        self._setup_distributed()
+        if self.rank == 0:
+            cfg.make_dirs()
+            self._clean_stale_temporaries()
+        self.log(f'Exp {cfg.EXP_NAME}, stage {cfg.STAGE_NAME}: {self.world_size} process(es) on '
+                 f'{self.device.type}, global batch {cfg.TRAIN_BATCH_SIZE}')
+
+        self.enable_amp = bool(enable_amp)
+        if amp_dtype not in AMP_DTYPES:
+            raise ValueError(f'amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}')
+        self.amp_dtype = AMP_DTYPES[amp_dtype]
+        self.scaler = None
+        if self.enable_amp and self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+        # The model starts identical on every process (DDP also broadcasts rank 0's).
+        torch.manual_seed(derive_seed(self.seed, 'model-init'))
+        self.model = build_vos_model(cfg.MODEL_VOS, cfg).to(self.device)
+        if self.world_size > 1 and not cfg.MODEL_FREEZE_BN and self.device.type == 'cuda':
+            self.model.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.encoder)
+        self.use_frozen_bn = 'swin' not in cfg.MODEL_ENCODER and cfg.MODEL_FREEZE_BN
+
+        self.dataset = dataset if dataset is not None else self._build_dataset()
+        self.enable_prev_frame = bool(getattr(
+            self.dataset, 'enable_prev_frame',
+            cfg.TRAIN_ENABLE_PREV_FRAME and 'static' not in cfg.DATASETS))
+        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.TRAIN_BATCH_SIZE, self.rank,
+                                          self.world_size, self.seed)
+
+        if step_fn is None:
+            step_fn = build_train_step
+        self.step_fn = step_fn if isinstance(step_fn, TrainStep) else step_fn(self)
+
+        named = list(self.step_fn.named_trainable_parameters())
+        groups = get_trainable_params(
+            self.model, cfg.TRAIN_LR, cfg.TRAIN_WEIGHT_DECAY, use_frozen_bn=self.use_frozen_bn,
+            exclusive_wd_dict=cfg.TRAIN_WEIGHT_DECAY_EXCLUSIVE,
+            no_wd_keys=cfg.TRAIN_WEIGHT_DECAY_EXEMPTION, named_parameters=named)
+        self.params = [g['params'][0] for g in groups]
+        if cfg.TRAIN_OPT == 'sgd':
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.TRAIN_LR,
+                                             momentum=cfg.TRAIN_SGD_MOMENTUM, nesterov=True)
+        elif cfg.TRAIN_OPT == 'adamw':
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.TRAIN_LR,
+                                               weight_decay=cfg.TRAIN_WEIGHT_DECAY)
+        else:
+            raise ValueError(f"TRAIN_OPT must be 'adamw' or 'sgd', got {cfg.TRAIN_OPT!r}")
+
+        self.ema = None
+        self.step = int(cfg.TRAIN_START_STEP)
+        resume = self._find_resume_step()
+        if resume is not None:
+            self.load_checkpoint(resume)
+        elif cfg.PRETRAIN and pretrain:
+            self.load_pretrained()
+        if self.rank == 0 and self.ema is None:
+            self.ema = self._new_ema()
+
+        if self.world_size > 1:
+            self.step_fn.wrap_distributed(self._ddp_wrap)
+        if self.rank == 0 and cfg.TRAIN_TBLOG:
+            self._tb = self._open_tensorboard()
+
+    # -- setup ----------------------------------------------------------------------------
+    def _setup_device(self, device):
+        if device is None:
+            device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        device = torch.device(device)
+        if device.type == 'cuda':
+            if not torch.cuda.is_available():
+                raise RuntimeError('device cuda requested but CUDA is not available '
+                                   '(use --device cpu)')
+            gpu = self.local_rank + self.cfg.DIST_START_GPU if device.index is None \
+                else device.index
+            if gpu >= torch.cuda.device_count():
+                raise RuntimeError(f'process {self.rank} wants GPU {gpu} (local rank '
+                                   f'{self.local_rank} + start GPU {self.cfg.DIST_START_GPU}) '
+                                   f'but only {torch.cuda.device_count()} are visible')
+            torch.cuda.set_device(gpu)
+            device = torch.device('cuda', gpu)
+            crop = self.cfg.DATA_RANDOMCROP
+            torch.backends.cudnn.benchmark = (crop[0] == crop[1]
+                                              and 'swin' not in self.cfg.MODEL_ENCODER)
+        return device
+
+    def _setup_distributed(self):
+        if self.world_size == 1:
+            return
+        if not dist.is_initialized():
+            backend = self.cfg.DIST_BACKEND if self.device.type == 'cuda' else 'gloo'
+            dist.init_process_group(backend=backend, init_method=self.cfg.DIST_URL,
+                                    world_size=self.world_size, rank=self.rank,
+                                    timeout=datetime.timedelta(seconds=300))
+            self._owns_process_group = True
+        elif dist.get_world_size() != self.world_size:
+            raise RuntimeError(f'the process group has {dist.get_world_size()} processes but '
+                               f'cfg.TRAIN_GPUS is {self.world_size}')
+
+    def _ddp_wrap(self, module, find_unused_parameters=False, static_graph=False):
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+        kwargs = {}
+        if self.device.type == 'cuda':
+            kwargs = dict(device_ids=[self.device.index], output_device=self.device.index)
+        # No buffer sync per forward (upstream: broadcast_buffers=False): the frozen BN
+        # statistics never change. Newer torch renamed the switch.
+        if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters:
+            kwargs['forward_sync_buffers'] = False
+        else:
+            kwargs['broadcast_buffers'] = False
+        return DistributedDataParallel(module, find_unused_parameters=find_unused_parameters,
+                                       static_graph=static_graph, **kwargs)
+
+    def _build_dataset(self):
+        from dataloaders.train_datasets import build_train_dataset
+        return build_train_dataset(self.cfg, seed=self.seed)
+
+    def _new_ema(self):
+        cfg = self.cfg
+        return ModelEma(self.model, ema_decay(cfg.TRAIN_TOTAL_STEPS, cfg.TRAIN_EMA_RATIO),
+                        update_buffers=not cfg.MODEL_FREEZE_BN)
+
+    def _open_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            self.log('TRAIN_TBLOG is set but tensorboard is not installed '
+                     '(pip install tensorboard); not writing tensorboard logs')
+            return None
+        return SummaryWriter(self.cfg.DIR_TB_LOG)
+
+    def _clean_stale_temporaries(self):
+        # A process killed while saving leaves its temporary file (never a save_step_N.pth).
+        for folder in (self.cfg.DIR_CKPT, self.cfg.DIR_EMA_CKPT):
+            for name in os.listdir(folder):
+                if name.startswith('.save_step_') and name.endswith('.tmp'):
+                    os.remove(os.path.join(folder, name))
+
+    # -- initial weights ------------------------------------------------------------------
+    def _find_resume_step(self):
+        cfg = self.cfg
+        step = None
+        if cfg.TRAIN_RESUME and (cfg.TRAIN_RESUME_STEP or cfg.TRAIN_RESUME_CKPT):
+            step = int(cfg.TRAIN_RESUME_STEP or cfg.TRAIN_RESUME_CKPT)
+            path = checkpoint_path(cfg.DIR_CKPT, step)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f'resume step {step} requested but {path} does not exist')
+        elif cfg.TRAIN_AUTO_RESUME:
+            step, _ = latest_checkpoint(cfg.DIR_CKPT)
+        if self.world_size > 1:
+            # Every process must resume from the step rank 0 sees (the result folder is
+            # expected on a shared file system when training on several machines).
+            box = [step]
+            dist.broadcast_object_list(box, src=0)
+            step = box[0]
+        return step
+
+    def load_checkpoint(self, step):
+        """Load model, optimiser, scaler, step state and (rank 0) EMA of ``save_step_step``."""
+        cfg = self.cfg
+        path = checkpoint_path(cfg.DIR_CKPT, step)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'checkpoint {path} not found on process {self.rank} (when '
+                                    f'training on several machines, DIR_CKPT must be shared)')
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        load_network(self.model, ckpt, strict=True, source=path)
+        if 'optimizer' in ckpt:
+            load_optimizer_state(self.optimizer, ckpt['optimizer'], source=path)
+        else:
+            self.log(f'{path} has no optimizer state; the optimizer starts afresh')
+        if self.scaler is not None and ckpt.get('scaler'):
+            self.scaler.load_state_dict(ckpt['scaler'])
+        self.step_fn.load_state_dict(ckpt.get('step_state', {}))
+        info = ckpt.get('trainer', {})
+        if info and (info.get('seed') != self.seed
+                     or info.get('global_batch') != cfg.TRAIN_BATCH_SIZE):
+            self.log(f'warning: {path} was trained with seed {info.get("seed")} and global batch '
+                     f'{info.get("global_batch")}, this run uses {self.seed} and '
+                     f'{cfg.TRAIN_BATCH_SIZE}: the data order will differ from an '
+                     f'uninterrupted run')
+        self.step = int(info.get('step', step))
+        if self.rank == 0:
+            self.ema = self._new_ema()
+            ema_path = checkpoint_path(cfg.DIR_EMA_CKPT, step)
+            if os.path.isfile(ema_path):
+                ema_ckpt = torch.load(ema_path, map_location='cpu', weights_only=True)
+                self.ema.load_shadow(extract_state_dict(ema_ckpt, ema_path), source=ema_path)
+                # Upstream's EMA files carry no counter; upstream then uses the step.
+                self.ema.num_updates = ema_ckpt.get('ema', {}).get('num_updates', step)
+            else:
+                self.log(f'warning: no EMA checkpoint {ema_path}; the EMA restarts from the '
+                         f'resumed weights')
+                self.ema.num_updates = step
+        self.log(f'Resumed from {path} (step {self.step}).')
+
+    def load_pretrained(self):
+        """Initial weights when not resuming: a whole VOS model (``PRETRAIN_FULL``) or the
+        encoder's ImageNet weights."""
+        cfg = self.cfg
+        if cfg.PRETRAIN_FULL:
+            path = cfg.PRETRAIN_MODEL
+            if not path or not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f'stage {cfg.STAGE_NAME} starts from a whole VOS model (PRETRAIN_FULL) but '
+                    f'PRETRAIN_MODEL={path!r} does not exist; train the previous stage first, '
+                    f'pass --pretrained_path, or --no_pretrain to start from random weights')
+            allow = GDA_NEW_KEY_PREFIXES \
+                if getattr(cfg, 'MODEL_LT_ATTENTION', '') == 'deformable' else ()
+            _, report = load_network(self.model, path, strict=True, allow_missing_prefixes=allow)
+            self.log(f'Loaded the VOS model {path}'
+                     + (f' ({len(report["new"])} new keys keep their init)' if report['new']
+                        else ''))
+            return
+        from networks.encoders.pretrained import load_imagenet_weights
+        path = cfg.MODEL_ENCODER_PRETRAIN
+        try:
+            report = load_imagenet_weights(self.model.encoder, path, cfg.MODEL_ENCODER)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f'{err} To train the encoder from random weights instead, '
+                                    f'pass --no_pretrain (cfg.PRETRAIN = False).') from None
+        self.log(f'Loaded ImageNet encoder weights: {report.summary()}'
+                 if hasattr(report, 'summary') else f'Loaded ImageNet encoder weights {path}')
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, step):
+        """Write the EMA file, then ``DIR_CKPT/save_step_<step>.pth`` (rank 0 only)."""
+        if self.rank != 0:
+            return None
+        cfg = self.cfg
+        if self.ema is not None:
+            ema_file = {'state_dict': self.ema.model_state_dict(self.model),
+                        'ema': {'decay': self.ema.decay, 'num_updates': self.ema.num_updates}}
+            atomic_torch_save(ema_file, checkpoint_path(cfg.DIR_EMA_CKPT, step))
+            if cfg.TRAIN_MAX_KEEP_CKPT:
+                prune_checkpoints(cfg.DIR_EMA_CKPT, cfg.TRAIN_MAX_KEEP_CKPT)
+        extra = {'trainer': {'step': step, 'seed': self.seed,
+                             'global_batch': cfg.TRAIN_BATCH_SIZE,
+                             'world_size': self.world_size, 'position': self.sampler.position(step),
+                             'exp_name': cfg.EXP_NAME, 'stage': cfg.STAGE_NAME}}
+        step_state = self.step_fn.state_dict()
+        if step_state:
+            extra['step_state'] = step_state
+        return save_network(self.model, step, cfg.DIR_CKPT, self.optimizer, self.scaler, extra,
+                            cfg.TRAIN_MAX_KEEP_CKPT)
+
+    # -- one step -------------------------------------------------------------------------
+    def set_learning_rate(self, step):
+        cfg = self.cfg
+        total = cfg.TRAIN_TOTAL_STEPS
+        if step % cfg.TRAIN_LR_UPDATE_STEP == 0 or not hasattr(self, '_lr'):
+            self._lr = adjust_learning_rate(
+                self.optimizer, cfg.TRAIN_LR, cfg.TRAIN_LR_POWER, step, total,
+                restart=cfg.TRAIN_LR_RESTART, warm_up_steps=cfg.TRAIN_LR_WARM_UP_RATIO * total,
+                is_cosine_decay=cfg.TRAIN_LR_COSINE_DECAY, min_lr=cfg.TRAIN_LR_MIN,
+                encoder_lr_ratio=cfg.TRAIN_LR_ENCODER_RATIO,
+                freeze_params=self.step_fn.frozen_param_keys(step))
+        return self._lr
+
+    def train_step(self, batch, step):
+        """One optimiser step on ``batch``; returns ``(loss, logs)`` (detached)."""
+        cfg = self.cfg
+        torch.manual_seed(derive_seed(self.seed, step, self.rank, 'step'))
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype,
+                            enabled=self.enable_amp):
+            loss, logs = self.step_fn(batch, step)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        logs = dict(logs)
+        if cfg.TRAIN_CLIP_GRAD_NORM and cfg.TRAIN_CLIP_GRAD_NORM > 0:
+            logs['grad_norm'] = torch.nn.utils.clip_grad_norm_(self.params,
+                                                               cfg.TRAIN_CLIP_GRAD_NORM).detach()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return loss.detach(), logs
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _loader(self, epoch, start_batch):
+        if hasattr(self.dataset, 'set_epoch'):
+            self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start_batch)
+        kwargs = {}
+        if self.workers > 0:
+            kwargs = dict(prefetch_factor=4, worker_init_fn=_worker_init_fn)
+        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
+                          pin_memory=self.device.type == 'cuda', **kwargs)
+
+    def sequential_training(self, stop_step=None):
+        """Train until ``TRAIN_TOTAL_STEPS`` (or ``stop_step``, saving a checkpoint there so
+        that a later run resumes exactly). Returns the step reached."""
+        cfg = self.cfg
+        total = int(cfg.TRAIN_TOTAL_STEPS)
+        stop = total if stop_step is None else min(int(stop_step), total)
+        step = self.step
+        if step >= total:
+            self.log(f'Training has finished (step {step} of {total}).')
+            return step
+        self.log(f'Start training at step {step} (sequential phase from step '
+                 f'{sequential_start_step(cfg)}).')
+        self.step_fn.train()
+        bar = None
+        if self.rank == 0 and self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=step, dynamic_ncols=True, unit='it',
+                       desc=f'{cfg.EXP_NAME}/{cfg.STAGE_NAME}')
+        self._bar = bar
+        meter = MetricAccumulator()
+        last_time, last_step = time.time(), step
+        try:
+            while step < stop:
+                epoch, start = self.sampler.position(step)
+                for batch in self._loader(epoch, start):
+                    lr = self.set_learning_rate(step)
+                    _, logs = self.train_step(batch, step)
+                    meter.add(logs)
+                    step += 1
+                    self.step = step
+                    if bar is not None:
+                        bar.update(1)
+                    if step % cfg.TRAIN_LOG_STEP == 0 or step == stop:
+                        now = time.time()
+                        rate = (step - last_step) / max(now - last_time, 1e-9)
+                        self._report(step, lr, meter.averages(self.device), rate)
+                        meter.reset()
+                        last_time, last_step = now, step
+                    if step % cfg.TRAIN_SAVE_STEP == 0 or step == stop:
+                        path = self.save_checkpoint(step)
+                        if path:
+                            self.log(f'Saved {path}')
+                    if step >= stop:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+            self._bar = None
+        if self.world_size > 1:
+            dist.barrier()
+        self.log('Stop training!' if step >= total else f'Stopped at step {step}.')
+        return step
+
+    def _report(self, step, lr, avg, rate):
+        if self.rank != 0:
+            return
+        frames = sorted({k.split('_')[0] for k in avg if k.startswith('frame')},
+                        key=lambda f: int(f[5:]))
+        names = ['Ref', 'Prev'] if self.enable_prev_frame else ['Ref(Prev)']
+        names += [f'Curr{i + 1}' for i in range(len(frames))]
+        parts = [f'I:{step}', f'LR:{lr:.6f}', f'{rate:.2f}it/s', f'Loss:{avg.get("loss", 0):.4f}']
+        if 'grad_norm' in avg:
+            parts.append(f'GradNorm:{avg["grad_norm"]:.2f}')
+        if 'obj_num' in avg:
+            parts.append(f'Obj:{avg["obj_num"]:.1f}')
+        for name, frame in zip(names, frames):
+            parts.append(f'{name}: L {avg.get(frame + "_loss", 0):.3f} '
+                         f'IoU {avg.get(frame + "_iou", 0):.1f}%')
+        self.log(', '.join(parts))
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f'{avg.get("loss", 0):.4f}', lr=f'{lr:.2e}')
+        if self._tb is not None:
+            for key, value in avg.items():
+                self._tb.add_scalar(f'train/{key}', value, step)
+            self._tb.add_scalar('train/lr', lr, step)
+            self._tb.add_scalar('train/it_per_s', rate, step)
+            self._tb.flush()
+
+    # -- logging / teardown -----------------------------------------------------------------
+    def log(self, msg):
+        if self.rank != 0:
+            return
+        bar = getattr(self, '_bar', None)
+        if bar is not None:
+            bar.write(msg)
+        else:
+            print(msg, flush=True)
+        if os.path.isdir(self.cfg.DIR_LOG):
+            with open(os.path.join(self.cfg.DIR_LOG, 'train.log'), 'a') as f:
+                f.write(f'{datetime.datetime.now().isoformat(timespec="seconds")} {msg}\n')
+
+    def close(self):
+        """Close the tensorboard writer and the process group this trainer created."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+
+def _worker_init_fn(worker_id):
+    try:
+        from dataloaders.train_datasets import worker_init_fn
+    except ImportError:  # a user dataset without our data package
+        return
+    worker_init_fn(worker_id)
