@@ -38,9 +38,9 @@ class AOTEngine(nn.Module):
         aot_model: an :class:`~networks.models.aot.AOT` or ``DeAOT``.
         long_term_mem_gap: store a frame in long-term memory every ``gap`` frames.
         short_term_mem_skip: short-term memory is the frame ``skip`` steps back.
-        max_long_term_frames: optional cap on stored long-term frames (the reference
-            frame is always kept; the oldest other frame goes first). ``None``: unbounded
-            (upstream behaviour).
+        max_long_term_frames: optional cap on stored long-term frames (reference frames,
+            whose masks were given, are always kept; the oldest other frame goes first).
+            ``None``: unbounded (upstream behaviour).
     """
 
     def __init__(self, aot_model, gpu_id=0, long_term_mem_gap=9999, short_term_mem_skip=1,
@@ -126,7 +126,7 @@ class AOTEngine(nn.Module):
             enc = self.AOT.encode_image(img)
         if mask is not None:
             one_hot = one_hot_mask(mask, self.max_obj_num)
-        elif self.enable_offline_enc:
+        elif self.enable_offline_enc and self.offline_one_hot_masks is not None:
             one_hot = self.offline_one_hot_masks[frame_step]
         else:
             one_hot = None
@@ -181,7 +181,7 @@ class AOTEngine(nn.Module):
             self.curr_enc_embs, empty, empty, id_emb, pos_emb=self.pos_emb,
             size_2d=self.enc_size_2d)
         self.curr_lstt_output = (outputs, currs, refs)
-        self.memory.prepend_long_term(refs, step)
+        self.memory.prepend_long_term(refs, step, pinned=True)
         self.memory.last_long_term_step = step
         self.memory.reset_short_term([r.map(self._seq_to_2d) for r in refs])
 

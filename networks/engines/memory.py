@@ -52,14 +52,20 @@ class VOSMemory:
     """Memory of one video for an engine with ``num_layers`` propagation layers.
 
     ``long_term[i]`` is the list of stored frames (newest first) of layer ``i``;
-    ``long_term_steps`` holds the frame index of each stored frame (same order). The
-    oldest entry is the reference frame; a cap (``max_long_term`` stored frames) drops
-    the oldest non-reference frame first, so the reference is always kept.
+    ``long_term_steps`` holds the frame index of each stored frame and
+    ``long_term_pinned`` whether it is a reference frame (a frame whose mask was given:
+    the first frame, or a frame where objects were added), both in the same order.
+
+    A cap (``max_long_term`` stored frames) drops the oldest non-reference frame first.
+    Reference frames are never dropped: they are the only frames whose masks are known
+    to be right, and an object added mid-video exists in no earlier frame. Memory can
+    therefore exceed the cap only by the number of reference frames.
     """
     num_layers: int
     max_long_term: Optional[int] = None
     long_term: List[List[MemoryEntry]] = field(default_factory=list)
     long_term_steps: List[int] = field(default_factory=list)
+    long_term_pinned: List[bool] = field(default_factory=list)
     short_term: Optional[List[MemoryEntry]] = None
     short_term_queue: List[List[MemoryEntry]] = field(default_factory=list)
     last_long_term_step: int = -1
@@ -89,13 +95,15 @@ class VOSMemory:
             self._cat_cache[layer] = MemoryEntry.cat(self.long_term[layer], dim=0)
         return self._cat_cache[layer]
 
-    def prepend_long_term(self, entries, step):
-        """Store one frame (a list of per-layer entries) as the newest long-term frame."""
+    def prepend_long_term(self, entries, step, pinned=False):
+        """Store one frame (a list of per-layer entries) as the newest long-term frame;
+        ``pinned`` marks a reference frame, which a cap never drops."""
         if len(entries) != self.num_layers:
             raise ValueError(f'expected {self.num_layers} layer entries, got {len(entries)}')
         for layer, entry in enumerate(entries):
             self.long_term[layer].insert(0, entry)
         self.long_term_steps.insert(0, step)
+        self.long_term_pinned.insert(0, bool(pinned))
         self._cat_cache = [None] * self.num_layers
         self.cap_long_term()
 
@@ -103,12 +111,14 @@ class VOSMemory:
         if self.max_long_term is None:
             return
         while len(self.long_term_steps) > self.max_long_term:
-            drop = len(self.long_term_steps) - 2  # oldest after the reference
-            if drop < 0:
+            unpinned = [i for i, p in enumerate(self.long_term_pinned) if not p]
+            if not unpinned:
                 break
+            drop = unpinned[-1]  # the oldest frame that is not a reference
             for layer in range(self.num_layers):
                 del self.long_term[layer][drop]
             del self.long_term_steps[drop]
+            del self.long_term_pinned[drop]
             self._cat_cache = [None] * self.num_layers
 
     # -- short-term ------------------------------------------------------------------

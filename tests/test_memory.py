@@ -1,0 +1,46 @@
+"""VOSMemory: long-term cap keeps every reference frame, concatenation order, short-term skip."""
+import torch
+
+from networks.engines.memory import MemoryEntry, VOSMemory
+
+
+def _entry(step, layers=2):
+    return [MemoryEntry(torch.full((3, 1, 2), float(step)), torch.full((3, 1, 4), float(step)),
+                        torch.full((3, 1, 4), float(step))) for _ in range(layers)]
+
+
+def test_cap_drops_oldest_unpinned_and_keeps_references():
+    mem = VOSMemory(num_layers=2, max_long_term=3)
+    mem.prepend_long_term(_entry(0), 0, pinned=True)
+    for step in (1, 2, 3):
+        mem.prepend_long_term(_entry(step), step)
+    assert mem.long_term_steps == [3, 2, 0]
+    mem.prepend_long_term(_entry(4), 4, pinned=True)      # objects added at frame 4
+    assert mem.long_term_steps == [4, 3, 0]
+    for step in (5, 6, 7):
+        mem.prepend_long_term(_entry(step), step)
+    assert mem.long_term_steps == [7, 4, 0]               # both references survive
+    cat = mem.layer_long_term(1)
+    assert cat.key[:, 0, 0].tolist() == [7.0] * 3 + [4.0] * 3 + [0.0] * 3
+    assert mem.num_long_term_tokens() == 9
+
+
+def test_references_alone_may_exceed_cap():
+    mem = VOSMemory(num_layers=1, max_long_term=2)
+    for step in range(4):
+        mem.prepend_long_term(_entry(step, 1), step, pinned=True)
+    assert mem.long_term_steps == [3, 2, 1, 0]
+
+
+def test_uncapped_keeps_everything_newest_first():
+    mem = VOSMemory(num_layers=1)
+    for step in range(5):
+        mem.prepend_long_term(_entry(step, 1), step, pinned=step == 0)
+    assert mem.long_term_steps == [4, 3, 2, 1, 0]
+
+
+def test_short_term_skip():
+    mem = VOSMemory(num_layers=1)
+    for step in range(4):
+        mem.push_short_term(_entry(step, 1), skip=2)
+        assert mem.short_term[0].key[0, 0, 0].item() == max(step - 1, 0)
