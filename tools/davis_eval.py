@@ -22,33 +22,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ''):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.io import atomic_write_text  # noqa: E402
 from utils.metrics import GLOBAL_COLUMNS, TASKS, evaluate_dataset  # noqa: E402
-
-
-def _atomic_write(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'w', newline='') as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def csv_paths(results_path, set_name):
@@ -60,17 +40,17 @@ def write_csvs(scores, results_path, set_name):
     """The toolkit's two CSVs (values in [0, 1], ``%.3f``, one per-sequence row per object)."""
     global_csv, seq_csv = csv_paths(results_path, set_name)
     g = scores['global']
-    _atomic_write(global_csv, ','.join(GLOBAL_COLUMNS) + '\n'
+    atomic_write_text(global_csv, ','.join(GLOBAL_COLUMNS) + '\n'
                   + ','.join(f'{g[c]:.3f}' for c in GLOBAL_COLUMNS) + '\n')
     rows = ['Sequence,J-Mean,F-Mean']
     rows += [f'{name},{obj["J-Mean"]:.3f},{obj["F-Mean"]:.3f}'
              for name, obj in scores['per_object'].items()]
-    _atomic_write(seq_csv, '\n'.join(rows) + '\n')
+    atomic_write_text(seq_csv, '\n'.join(rows) + '\n')
     return global_csv, seq_csv
 
 
 def write_json(scores, path):
-    _atomic_write(path, json.dumps(scores, indent=1) + '\n')
+    atomic_write_text(path, json.dumps(scores, indent=1) + '\n')
 
 
 def _table(header, rows):

@@ -16,9 +16,10 @@ import glob
 import logging
 import os
 import re
-import tempfile
 
 import torch
+
+from utils.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -118,20 +119,7 @@ def load_network(net, path_or_state, strict=True, allow_missing_prefixes=(), sou
 
 def atomic_torch_save(obj, path):
     """``torch.save`` to a temporary file next to ``path``, then rename over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                               dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_path(folder, step):

@@ -19,11 +19,12 @@ raises :class:`MaskFormatError` naming the file.
 """
 import functools
 import os
-import tempfile
 import warnings
 
 import numpy as np
 from PIL import Image
+
+from utils.io import atomic_write
 
 
 class MaskFormatError(ValueError):
@@ -335,24 +336,7 @@ def save_mask(mask, path, palette=None):
     pal = _as_palette_array(_palette if palette is None else palette)
     img = Image.fromarray(mask.astype(np.uint8), mode='L').convert('P')  # 'P' keeps the indices
     img.putpalette([int(v) for v in pal.ravel()])
-    _atomic_save(img, os.fspath(path))
-
-
-def _atomic_save(img, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
-                               suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            img.save(f, format='PNG')
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 
 def read_image(path):

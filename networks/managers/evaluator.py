@@ -57,7 +57,6 @@ import json
 import os
 import resource
 import sys
-import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +73,7 @@ from dataloaders.eval_transforms import build_eval_transform
 from networks.engines import build_engine
 from utils.checkpoint import checkpoint_path, latest_checkpoint
 from utils.image import save_mask
+from utils.io import atomic_write, atomic_write_json
 
 DATASETS = ('davis2017', 'davis2016', 'youtubevos2018', 'youtubevos2019', 'custom')
 SPLITS = ('val', 'val_all_frames', 'test')
@@ -132,29 +132,8 @@ def resolve_checkpoint(cfg):
     return path, str(step)
 
 
-def _atomic_write_bytes(path, write):
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp',
-                               dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp files are private; give plain-file permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_json(path, data):
-    _atomic_write_bytes(path, lambda f: f.write((json.dumps(data, indent=1) + '\n').encode()))
+    atomic_write_json(path, data)
 
 
 def write_zip(zip_path, members):
@@ -163,7 +142,7 @@ def write_zip(zip_path, members):
         with zipfile.ZipFile(f, 'w', zipfile.ZIP_DEFLATED) as zf:
             for src, arcname in members:
                 zf.write(src, arcname)
-    _atomic_write_bytes(zip_path, _write)
+    atomic_write(zip_path, _write)
 
 
 def _available_cores():
