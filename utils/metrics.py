@@ -365,11 +365,11 @@ def _run_jobs(jobs, workers):
     """Run ``_score_chunk`` over jobs in order; in-process when ``workers <= 1``."""
     if workers <= 1 or len(jobs) <= 1:
         return [_score_chunk(job) for job in jobs]
-    # 'fork' starts instantly and, unlike spawn/forkserver, does not re-import the caller's
-    # main module (an unguarded script would recurse). Workers only run numpy/PIL/OpenCV
-    # (pthreads backend, fork-safe), never torch, so torch threads in the parent are harmless.
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context('fork' if 'fork' in methods else 'spawn')
+    # 'spawn', not 'fork': a child forked while the parent's OpenCV or torch thread pools
+    # hold locks can deadlock (seen in the test suite after cv2 had been used). Spawned
+    # workers import this module afresh; a calling script needs the usual
+    # ``if __name__ == '__main__':`` guard, as every tool here has.
+    ctx = multiprocessing.get_context('spawn')
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
                              initializer=_init_worker) as pool:
         return list(pool.map(_score_chunk, jobs))
