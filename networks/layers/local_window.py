@@ -22,7 +22,22 @@ import torch.nn.functional as F
 DEFAULT_TILE = 16
 
 
-@functools.lru_cache(maxsize=32)
+def _cached_constant(fn):
+    """Cache a constant index/mask tensor per argument tuple.
+
+    The tensors are built outside ``torch.inference_mode``: a cached inference tensor would
+    break autograd when the same process later trains (it is saved for backward).
+    """
+    cached = functools.lru_cache(maxsize=32)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        with torch.inference_mode(False):
+            return cached(*args)
+    return wrapper
+
+
+@_cached_constant
 def _tile_window_index(tile, max_dis, dilation):
     """``(t*t, W*W)`` flat positions inside a tile's ``(t+2R)^2`` neighbourhood."""
     R = max_dis * dilation
@@ -35,7 +50,7 @@ def _tile_window_index(tile, max_dis, dilation):
     return rows * P + cols
 
 
-@functools.lru_cache(maxsize=32)
+@_cached_constant
 def _window_valid(h, w, max_dis, dilation):
     """``(W*W, h, w)`` bool: window position lies inside the image."""
     d = torch.arange(-max_dis, max_dis + 1) * dilation
