@@ -78,7 +78,7 @@ def build_parser():
     p.add_argument('--amp', action='store_true',
                    help='autocast: float16 on CUDA, bfloat16 on CPU')
     p.add_argument('--max_memory_frames', type=int, default=8,
-                   help='cap on long-term memory frames, reference kept (0: unbounded)')
+                   help='cap on long-term memory frames, reference frames kept (0: unbounded)')
     p.add_argument('--max_resolution', type=float, default=480 * 1.3,
                    help='frames are resized so the long edge is at most this * 800 / 480')
     p.add_argument('--lt_gap', type=int, default=-1,

@@ -33,7 +33,7 @@ class DefaultModelConfig:
         self.TEST_LONG_TERM_MEM_GAP = 9999
         self.TEST_SHORT_TERM_MEM_SKIP = 1
         # Ours: cap on stored long-term frames (None = unbounded, upstream behaviour).
-        # The reference frame is always kept.
+        # Reference frames (where masks were given) are always kept.
         self.TEST_LONG_TERM_MEM_MAX = None
 
 

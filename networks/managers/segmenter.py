@@ -21,15 +21,16 @@ resized to the network input with nearest, logits decoded at the frame size, sof
 Differences from the evaluator, all opt-in or invisible when unused:
 
 * **Bounded memory** (``max_memory_frames``, default 8): at most that many frames are kept in
-  each sub-engine's long-term memory; the oldest frame after the first reference is dropped, the
-  first reference frame is always kept (see :class:`~networks.engines.memory.VOSMemory`). Short-term
-  memory is one frame. So memory stays flat on arbitrarily long videos.
+  each sub-engine's long-term memory; the oldest frame that is not a reference frame is dropped,
+  reference frames (where masks were given) are always kept (see
+  :class:`~networks.engines.memory.VOSMemory`). Short-term memory is one frame. So memory stays
+  flat on arbitrarily long videos.
 * **Object ids as given**: user ids (e.g. {3, 8, 200}) map to contiguous engine ids (1, 2, 3, in
   order of first appearance, ascending within one mask) and back; outputs use the user's ids.
 * **Removing an object** masks its engine channel out for good: its logits are set to ``-inf``
   before the softmax, so its pixels go to the next most likely label, it is never emitted again
   and never written into memory again. Re-referencing the current frame without it would not
-  work: the object's identity stays in the older long-term entries (the first reference frame is
+  work: the object's identity stays in the older long-term entries (reference frames are
   never dropped), so the network would keep predicting that channel; restarting the engine would
   lose every other object's history. Its slot is not reused. Adding a mask with the same id later
   starts a new object.
@@ -118,8 +119,8 @@ class VideoObjectSegmenter:
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``; other than float32 runs
             the network under ``torch.autocast``.
         amp: shorthand for the usual autocast dtype: bf16 on CPU, fp16 on CUDA.
-        max_memory_frames: cap on long-term memory frames per sub-engine (the first reference
-            frame is always kept, the oldest other frame is dropped first); ``None``:
+        max_memory_frames: cap on long-term memory frames per sub-engine (reference frames
+            are always kept, the oldest other frame is dropped first); ``None``:
             unbounded as upstream (memory grows with the video).
         long_term_mem_gap: store a frame in long-term memory every ``gap`` frames
             (default: the model's ``TEST_LONG_TERM_MEM_GAP``).
