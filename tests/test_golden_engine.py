@@ -46,7 +46,6 @@ def test_engine_free_running_deaott(inputs):
 def test_taps_deaott(inputs):
     """Intermediate tensors: projected 16x map, ID embedding, GPM output."""
     from networks.engines.identity import one_hot_mask
-    import torch.nn.functional as F
     fixture = golden('engine_deaott.npz')
     cfg, model = build_recipe_model('deaott')
     images = torch.from_numpy(inputs['images'])

@@ -43,6 +43,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from utils.device import DeviceError, resolve_device  # noqa: E402
 from utils.image import (MaskFormatError, MaskWarning, overlay_mask, read_mask,  # noqa: E402
                          save_mask)
 from utils.video_io import (FrameSourceError, IMAGE_EXTENSIONS, VideoWriter,  # noqa: E402
@@ -230,9 +231,10 @@ def run(args):
         raise DemoError(f'results already exist ({", ".join(existing)}); pass --overwrite to '
                         f'replace them or choose another --output')
 
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise DemoError(f'--device {device}: CUDA is not available here (use --device cpu)')
+    try:
+        device = resolve_device(args.device)
+    except DeviceError as exc:
+        raise DemoError(str(exc)) from None
     try:
         cfg = build_config('pre_ytb_dav', 'demo', args.model)
     except ValueError as exc:

@@ -21,8 +21,6 @@ import sys
 if __package__ in (None, ''):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
 from networks.managers.evaluator import DATASETS, SPLITS  # noqa: E402
 
 
@@ -122,9 +120,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from networks.managers.evaluator import run_evaluation
     from utils.checkpoint import CheckpointMismatchError
+    from utils.device import resolve_device
     try:
         cfg = config_from_args(args)
-        device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        device = resolve_device(args.device)
         run_evaluation(cfg, device=device, amp=args.amp,
                        workers=args.workers if args.workers >= 0 else None)
     except (FileNotFoundError, ValueError, CheckpointMismatchError) as exc:

@@ -3,6 +3,9 @@ from .aot_engine import AOTEngine, AOTInferEngine
 from .deaot_engine import DeAOTEngine, DeAOTInferEngine
 from .memory import MemoryEntry, VOSMemory
 
+__all__ = ['AOTEngine', 'AOTInferEngine', 'DeAOTEngine', 'DeAOTInferEngine', 'MemoryEntry',
+           'VOSMemory', 'build_engine']
+
 _ENGINES = {
     'aotengine': {'train': AOTEngine, 'eval': AOTInferEngine},
     'deaotengine': {'train': DeAOTEngine, 'eval': DeAOTInferEngine},

@@ -9,7 +9,7 @@ Layout conventions
   gives the keys/values the long-term attention reads (newest frame first, as upstream);
 * short-term entries are 2D ``(B, C, h, w)`` (what the local attention reads).
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch

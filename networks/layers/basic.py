@@ -3,7 +3,6 @@
 Shapes: sequence-first tokens are ``(L, B, C)`` with ``L = h * w`` in row-major order;
 2D maps are ``(B, C, h, w)``.
 """
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -73,6 +73,7 @@ from dataloaders.eval_transforms import build_eval_transform
 from networks.engines import build_engine
 from utils.checkpoint import checkpoint_path, latest_checkpoint
 from utils.image import save_mask
+from utils.device import resolve_device
 from utils.io import atomic_write, atomic_write_json
 
 DATASETS = ('davis2017', 'davis2016', 'youtubevos2018', 'youtubevos2019', 'custom')
@@ -243,15 +244,7 @@ class Evaluator:
         self.verbose = verbose
         workers = cfg.TEST_WORKERS if workers is None else int(workers)
         self.workers = max(0, min(workers, _available_cores()))
-        if device is None:
-            device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        device = torch.device(device)
-        if device.type == 'cuda':
-            if not torch.cuda.is_available():
-                raise ValueError('--device cuda was asked for but CUDA is not available; '
-                                   'use --device cpu')
-            device = torch.device('cuda', cfg.TEST_GPU_ID + rank if device.index is None
-                                  else device.index)
+        device = resolve_device(device, gpu=cfg.TEST_GPU_ID + rank)
         self.device = device
         self.gpu = device.index if device.type == 'cuda' else None
         self.ckpt_path, self.ckpt = resolve_checkpoint(cfg)

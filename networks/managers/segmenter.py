@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from dataloaders.eval_transforms import MultiRestrictSize, MultiToTensor
 from networks.engines import build_engine
+from utils.device import resolve_device
 
 DEFAULT_MAX_RESOLUTION = 480 * 1.3  # upstream's --max_resolution: long edge <= 624*800/480 = 1040
 
@@ -134,9 +135,7 @@ class VideoObjectSegmenter:
     def __init__(self, model='deaott', ckpt_path=None, device=None, dtype=None, amp=False,
                  max_memory_frames=8, long_term_mem_gap=None, short_term_mem_skip=None,
                  max_resolution=DEFAULT_MAX_RESOLUTION, return_probs=True, cfg=None):
-        if device is None:
-            device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if isinstance(model, torch.nn.Module):
             self.cfg = cfg if cfg is not None else model.cfg
             self.load_report = None

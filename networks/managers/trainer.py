@@ -92,6 +92,7 @@ from networks.engines.identity import generate_permute_matrix
 from networks.models import GDA_NEW_KEY_PREFIXES, build_vos_model
 from utils.checkpoint import (atomic_torch_save, checkpoint_path, extract_state_dict,
                               latest_checkpoint, load_network, prune_checkpoints, save_network)
+from utils.device import resolve_device
 from utils.ema import ModelEma, ema_decay
 from utils.learning import adjust_learning_rate, get_trainable_params, load_optimizer_state
 from utils.meters import MetricAccumulator
@@ -471,21 +472,9 @@ class Trainer:
 
     # -- setup ----------------------------------------------------------------------------
     def _setup_device(self, device):
-        if device is None:
-            device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        device = torch.device(device)
+        device = resolve_device(device, gpu=self.local_rank + self.cfg.DIST_START_GPU)
         if device.type == 'cuda':
-            if not torch.cuda.is_available():
-                raise RuntimeError('device cuda requested but CUDA is not available '
-                                   '(use --device cpu)')
-            gpu = self.local_rank + self.cfg.DIST_START_GPU if device.index is None \
-                else device.index
-            if gpu >= torch.cuda.device_count():
-                raise RuntimeError(f'process {self.rank} wants GPU {gpu} (local rank '
-                                   f'{self.local_rank} + start GPU {self.cfg.DIST_START_GPU}) '
-                                   f'but only {torch.cuda.device_count()} are visible')
-            torch.cuda.set_device(gpu)
-            device = torch.device('cuda', gpu)
+            torch.cuda.set_device(device)
             crop = self.cfg.DATA_RANDOMCROP
             torch.backends.cudnn.benchmark = (crop[0] == crop[1]
                                               and 'swin' not in self.cfg.MODEL_ENCODER)
