@@ -98,3 +98,11 @@ class DropPath(nn.Module):
 
     def extra_repr(self):
         return f'p={self.drop_prob}'
+
+
+def layer_drop_path_rate(droppath, layer_idx, num_layers, scaling=False):
+    """Drop-path rate of layer ``layer_idx``: constant, or (``scaling``) linear from 0 at the
+    first layer to ``droppath`` at the last."""
+    if not scaling:
+        return droppath
+    return 0.0 if num_layers == 1 else droppath * layer_idx / (num_layers - 1)

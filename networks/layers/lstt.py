@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from networks.engines.memory import MemoryEntry
 
-from .basic import DropPath, GNActDWConv2d, map_to_seq, seq_to_2d
+from .basic import DropPath, GNActDWConv2d, layer_drop_path_rate, map_to_seq, seq_to_2d
 from .local_window import local_window_aggregate, local_window_logits, window_valid_mask
 
 
@@ -298,9 +298,7 @@ class LongShortTermTransformer(nn.Module):
 
         layers = []
         for idx in range(num_layers):
-            rate = droppath
-            if droppath_scaling:
-                rate = 0.0 if num_layers == 1 else droppath * idx / (num_layers - 1)
+            rate = layer_drop_path_rate(droppath, idx, num_layers, droppath_scaling)
             layers.append(LongShortTermTransformerBlock(
                 d_model, self_nhead, att_nhead, dim_feedforward, droppath=rate,
                 lt_dropout=lt_dropout, st_dropout=st_dropout, droppath_lst=droppath_lst,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from networks.engines.memory import MemoryEntry
 
 from .attention import GatedPropagation, LocalGatedPropagation
-from .basic import DropPath, GroupNorm1D, seq_to_2d
+from .basic import DropPath, GroupNorm1D, layer_drop_path_rate, seq_to_2d
 
 
 def build_long_term_attention(kind, d_qk, d_vu, num_head, dropout, d_att, gda=None):
@@ -166,9 +166,7 @@ class DualBranchGPM(nn.Module):
         self.emb_dropout = nn.Dropout(emb_dropout, True)
         layers = []
         for idx in range(num_layers):
-            p = droppath
-            if droppath_scaling:
-                p = 0.0 if num_layers == 1 else droppath * idx / (num_layers - 1)
+            p = layer_drop_path_rate(droppath, idx, num_layers, droppath_scaling)
             layers.append(GatedPropagationModule(
                 d_model, self_nhead, att_nhead, droppath=p, lt_dropout=lt_dropout,
                 st_dropout=st_dropout, droppath_lst=droppath_lst, layer_idx=idx,
