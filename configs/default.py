@@ -58,6 +58,9 @@ class DefaultEngineConfig:
         self.DATA_RANDOM_GAP_DAVIS = 12
         self.DATA_RANDOM_GAP_YTB = 3
         self.DATA_DYNAMIC_MERGE_PROB = 0.3
+        # Video clips read only their reference (first-frame) mask: no merging, no clip
+        # rejection by later masks. On for the distillation stages.
+        self.DATA_LABEL_FREE = False
 
         # initialisation
         self.PRETRAIN = True

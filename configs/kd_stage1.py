@@ -17,6 +17,8 @@ class EngineConfig(DefaultEngineConfig):
         self.STAGE_NAME = 'KD_STAGE1'
         self.DATASETS = ['static']
         self.DATA_DYNAMIC_MERGE_PROB = 1.0
+        # No label beyond each clip's reference mask (video clips; see build_train_dataset).
+        self.DATA_LABEL_FREE = True
         self.TRAIN_TOTAL_STEPS = 100000
         # Optimiser as upstream's static pre-training stage (pre.py).
         self.TRAIN_LR = 4e-4

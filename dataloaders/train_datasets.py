@@ -41,13 +41,18 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from . import image_transforms as IT
-from .video_transforms import (ToTensor, all_images, all_labels, image_to_tensor,
+# VOID_ID: "neither object nor background" (COCO crowd regions, DAVIS-2017 void, the unread
+# masks of label-free clips): never an object, ignored by the losses, no ID embedding.
+from .video_transforms import (VOID_ID, ToTensor, all_images, all_labels, image_to_tensor,
                                label_to_tensor, train_transforms_from_cfg)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 MASK_EXT = '.png'
+# Folder pairs tried, in order, by find_image_mask_pairs: upstream's static layout, then the
+# images/ + masks/ layout of COCO-style exports (e.g. coco128-static).
+STATIC_LAYOUTS = (('JPEGImages', 'Annotations'), ('images', 'masks'))
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,18 +182,27 @@ def _pair_by_key(images, masks, where, mask_hint):
     return [(images[k], masks[k]) for k in sorted(images)]
 
 
-def find_image_mask_pairs(root, image_dir='JPEGImages', mask_dir='Annotations'):
+def find_image_mask_pairs(root, image_dir=None, mask_dir=None):
     """All ``(image_path, mask_path)`` pairs under ``root``, paired by relative stem.
 
     Two layouts:
     - ``root/<image_dir>/**/<stem>.<jpg|png|...>`` with ``root/<mask_dir>/**/<stem>.png``
-      at the same relative path (upstream's static layout; DAVIS's ``JPEGImages/480p`` and
-      ``Annotations/480p`` trees are the same shape);
+      at the same relative path. Without ``image_dir``/``mask_dir`` the first of
+      :data:`STATIC_LAYOUTS` found under ``root`` is used: upstream's ``JPEGImages`` +
+      ``Annotations`` (DAVIS's ``480p`` trees are the same shape), then ``images`` + ``masks``
+      (COCO-style exports);
     - otherwise a flat or nested folder where each ``<stem>.jpg`` (or another non-PNG
       image type) has its mask ``<stem>.png`` beside it.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f'{root}: static image dataset folder does not exist')
+    if image_dir is None and mask_dir is None:
+        image_dir, mask_dir = next(
+            ((i, m) for i, m in STATIC_LAYOUTS
+             if os.path.isdir(os.path.join(root, i)) or os.path.isdir(os.path.join(root, m))),
+            STATIC_LAYOUTS[0])
+    elif image_dir is None or mask_dir is None:
+        raise ValueError('give both image_dir and mask_dir, or neither')
     img_root, mask_root = os.path.join(root, image_dir), os.path.join(root, mask_dir)
     if os.path.isdir(img_root) or os.path.isdir(mask_root):
         for folder in (img_root, mask_root):
@@ -221,9 +235,11 @@ def _merge_sample(sample1, sample2, min_obj_pixels=100, max_obj_n=10, rng=None):
     plus ``max_obj_n``. Ids with more than ``min_obj_pixels`` pixels in the reference frame
     are kept (at most ``max_obj_n``, a random subset if more) and renumbered ``1..k`` in
     id order (in random order for a subset); every other id becomes background in every
-    frame. ``meta`` comes from ``sample1`` with ``obj_num = k``.
+    frame. ``VOID_ID`` pixels of ``sample2`` are pasted (image and void label) like its
+    objects, and ``sample1``'s void stays void where ``sample2`` is background.
+    ``meta`` comes from ``sample1`` with ``obj_num = k``.
 
-    Both samples must be tensors of the same size with ids in ``0..max_obj_n``.
+    Both samples must be tensors of the same size with ids in ``0..max_obj_n`` or ``VOID_ID``.
     """
     # numpy views of the tensors: per-pixel selects on small maps are faster than torch's
     # thread pool in the main process.
@@ -234,21 +250,24 @@ def _merge_sample(sample1, sample2, min_obj_pixels=100, max_obj_n=10, rng=None):
                          f"{sample1['meta'].get('seq_name')!r} has {len(images1)} x "
                          f"{images1[0].shape}, {sample2['meta'].get('seq_name')!r} "
                          f"has {len(images2)} x {images2[0].shape}")
-    top = max(int(x.max()) for x in labels1 + labels2)
+    top = max(int(np.where(x == VOID_ID, 0, x).max()) for x in labels1 + labels2)
     if top > max_obj_n:
         raise ValueError(f'cannot merge clips with object id {top} > max_obj_n={max_obj_n}')
+    void = 2 * max_obj_n + 1  # a slot of its own in the merged id space
 
     def merged_ids(l1, l2):
-        return np.where(l2 > 0, l2 + max_obj_n, l1)
+        l1 = np.where(l1 == VOID_ID, void, l1)
+        return np.where(l2 == VOID_ID, void, np.where(l2 > 0, l2 + max_obj_n, l1))
 
     counts = np.bincount(merged_ids(labels1[0], labels2[0]).ravel(),
-                         minlength=2 * max_obj_n + 1)
+                         minlength=2 * max_obj_n + 2)
     kept = [i for i in range(1, 2 * max_obj_n + 1) if counts[i] > min_obj_pixels]
     if len(kept) > max_obj_n:
         rng = rng if rng is not None else np.random.default_rng()
         kept = [kept[i] for i in rng.permutation(len(kept))[:max_obj_n]]
-    lut = np.zeros(2 * max_obj_n + 1, np.int64)
+    lut = np.zeros(2 * max_obj_n + 2, np.int64)
     lut[kept] = np.arange(1, len(kept) + 1)
+    lut[void] = VOID_ID
 
     out_images, out_labels = [], []
     for i1, i2, l1, l2 in zip(images1, images2, labels1, labels2):
@@ -291,9 +310,12 @@ class StaticTrain(_SeededDataset):
             masks, e.g. DAVIS-2016 or saliency data, as object 1).
     """
 
+    # Images whose short edge exceeds this many times the output size are shrunk first.
+    PRESHRINK_MARGIN = 1.5
+
     def __init__(self, root, output_size=(465, 465), seq_len=5, max_obj_n=10, dynamic_merge=True,
-                 merge_prob=1.0, aug_type='v1', seed=0, image_dir='JPEGImages',
-                 mask_dir='Annotations', mask_mode='auto'):
+                 merge_prob=1.0, aug_type='v1', seed=0, image_dir=None, mask_dir=None,
+                 mask_mode='auto'):
         self.root = root
         self.output_size = (output_size, output_size) if isinstance(output_size, int) \
             else tuple(output_size)
@@ -336,7 +358,17 @@ class StaticTrain(_SeededDataset):
             raise ValueError(f'{image_path}: cannot read image ({err})') from None
         mask = read_mask(mask_path, self.mask_mode)
         _check_same_size(image_path, img.size[::-1], mask_path, mask.shape)
-        return img, Image.fromarray(mask, 'L')
+        mask = Image.fromarray(mask, 'L')
+        # Warping a 640x480 photo to make a 161x161 crop wastes most of the loader's time:
+        # shrink images far larger than the output first (never for upstream's 465 crops of
+        # COCO-sized images, whose short edge stays below the limit).
+        limit = int(round(self.PRESHRINK_MARGIN * max(self.output_size)))
+        short = min(img.size)
+        if short > limit:
+            size = (max(1, round(img.size[0] * limit / short)),
+                    max(1, round(img.size[1] * limit / short)))
+            img, mask = img.resize(size, Image.BICUBIC), mask.resize(size, Image.NEAREST)
+        return img, mask
 
     def sample_sequence(self, idx, rng):
         base_img, base_mask = self.first_flip(*self.load_pair(idx), rng)
@@ -353,16 +385,20 @@ class StaticTrain(_SeededDataset):
             mask = np.asarray(mask, np.uint8)
             if lut is None:
                 # Objects are those of the reference frame; later frames only reuse them.
-                present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)[1:]) + 1
+                # VOID_ID (crowd) is never an object; it stays VOID_ID so the loss ignores it.
+                counts = np.bincount(mask.ravel(), minlength=256)
+                counts[VOID_ID] = 0
+                present = np.flatnonzero(counts[1:]) + 1
                 objs = rng.permutation(present)[:self.max_obj_n]
                 lut = np.zeros(256, np.uint8)
                 lut[objs] = np.arange(1, len(objs) + 1)
+                lut[VOID_ID] = VOID_ID
             images.append(image_to_tensor(np.asarray(img, np.float32)))
             labels.append(label_to_tensor(lut[mask]))
         return {'ref_img': images[0], 'prev_img': images[1], 'curr_img': images[2:],
                 'ref_label': labels[0], 'prev_label': labels[1], 'curr_label': labels[2:],
                 'meta': {'seq_name': self.pairs[idx][0], 'frame_num': 1,
-                         'obj_num': int(lut.max())}}
+                         'obj_num': int(lut[:VOID_ID].max())}}
 
     def __getitem__(self, idx):
         rng = self.item_rng(idx)
@@ -399,6 +435,12 @@ class VOSTrain(_SeededDataset):
     tensorises; with ``dynamic_merge`` a clip without objects, or any with probability
     ``merge_prob``, is merged with a clip of another video.
 
+    ``label_free=True`` (distillation) reads one mask per video and nothing else: the
+    reference is always the video's first frame (the one annotation a semi-supervised user
+    has), the other frames follow it from a random start with random steps (in reverse
+    order with p=0.5 when ``rand_reverse``), their labels are all ``VOID_ID``, no clip is
+    rejected and no clip is merged (merging would paste another video's per-frame masks).
+
     Args:
         image_root, label_root: folders holding one sub-folder per video.
         imglistdic: ``{video: (image file names, label file names)}``, paired by position
@@ -409,7 +451,8 @@ class VOSTrain(_SeededDataset):
     def __init__(self, image_root, label_root, imglistdic, transform=None, rgb=True,
                  repeat_time=1, rand_gap=3, seq_len=5, rand_reverse=True, dynamic_merge=True,
                  enable_prev_frame=False, merge_prob=0.3, max_obj_n=10, mask_mode='index',
-                 seed=0):
+                 seed=0, label_free=False):
+        self.label_free = bool(label_free)
         self.image_root = image_root
         self.label_root = label_root
         self.imglistdic = imglistdic
@@ -469,8 +512,40 @@ class VOSTrain(_SeededDataset):
     def _gaps(self, rng, n):
         return [int(rng.integers(self.rand_gap)) + 1 for _ in range(n)]
 
+    def sample_label_free(self, idx, rng):
+        """One raw clip that reads only the first frame's mask (see the class docstring)."""
+        seq = self.seqs[idx % len(self.seqs)]
+        images, labels = self.imglistdic[seq]
+        n = len(images)
+        ref_label = self.load_label(seq, images, labels, 0)
+        ref_image = self.load_image(seq, images, labels, 0, ref_label)
+        start = 1 + int(rng.integers(n - 1)) if n > 1 else 0
+        steps = np.cumsum([0] + self._gaps(rng, self.seq_len - 2))
+        frames = [_reflect(start + int(g), n) for g in steps]
+        if self.rand_reverse and rng.integers(2) == 1:
+            frames = [_reflect(start - int(g), n) for g in steps]
+        frame_images = []
+        for i in frames:
+            image = read_image(self._paths(seq, images, labels, i)[0])
+            if not self.rgb:
+                image = np.ascontiguousarray(image[:, :, ::-1])
+            if image.shape[:2] != ref_image.shape[:2]:
+                raise ValueError(f'{self._paths(seq, images, labels, i)[0]}: frame is '
+                                 f'{image.shape[1]}x{image.shape[0]} (WxH) but the first frame '
+                                 f'of {seq} is {ref_image.shape[1]}x{ref_image.shape[0]}')
+            frame_images.append(image)
+        unknown = np.full(ref_label.shape, VOID_ID, np.uint8)
+        sample = {'ref_img': ref_image, 'prev_img': frame_images[0],
+                  'curr_img': frame_images[1:], 'ref_label': ref_label,
+                  'prev_label': unknown, 'curr_label': [unknown] * (len(frames) - 1),
+                  'meta': {'seq_name': seq, 'frame_num': n,
+                           'obj_num': int(np.where(ref_label == VOID_ID, 0, ref_label).max())}}
+        return self.transform(sample, rng)
+
     def sample_sequence(self, idx, rng):
         """One raw clip (float32 images, uint8 labels) passed through ``transform``."""
+        if self.label_free:
+            return self.sample_label_free(idx, rng)
         seq = self.seqs[idx % len(self.seqs)]
         images, labels = self.imglistdic[seq]
         n = len(images)
@@ -511,6 +586,8 @@ class VOSTrain(_SeededDataset):
     def __getitem__(self, idx):
         rng = self.item_rng(idx)
         sample = self.sample_sequence(idx, rng)
+        if self.label_free:
+            return sample
         if self.dynamic_merge and (sample['meta']['obj_num'] == 0
                                    or rng.random() < self.merge_prob):
             other = self.sample_sequence(_other_index(rng, len(self.seqs), idx % len(self.seqs)),
@@ -578,7 +655,7 @@ class DAVIS2017_Train(VOSTrain):
     def __init__(self, split=('train',), root='./DAVIS', transform=None, rgb=True, repeat_time=5,
                  full_resolution=False, year=2017, rand_gap=12, seq_len=5, rand_reverse=True,
                  dynamic_merge=True, enable_prev_frame=False, max_obj_n=10, merge_prob=0.3,
-                 seq_names=None, mask_mode=None, seed=0):
+                 seq_names=None, mask_mode=None, seed=0, label_free=False):
         resolution = '480p'
         if full_resolution and os.path.isdir(os.path.join(root, 'JPEGImages', 'Full-Resolution')):
             resolution = 'Full-Resolution'
@@ -603,6 +680,13 @@ class DAVIS2017_Train(VOSTrain):
         for seq in seq_names:
             img_dir, lab_dir = os.path.join(image_root, seq), os.path.join(label_root, seq)
             imgs, labs = _list_frames(img_dir, lab_dir)
+            if label_free and imgs:
+                # Only the first frame's mask is ever read; the others may be missing.
+                first = sorted(imgs)[0]
+                if first not in labs:
+                    raise FileNotFoundError(f'{os.path.join(lab_dir, first + MASK_EXT)}: mask of '
+                                            f'the first frame of {seq} not found')
+                labs = {k: labs.get(k, k + MASK_EXT) for k in imgs}
             pairs = _pair_by_key({k: os.path.join(img_dir, v) for k, v in imgs.items()},
                                  {k: os.path.join(lab_dir, v) for k, v in labs.items()},
                                  f'video {seq}', lambda k: os.path.join(lab_dir, k + MASK_EXT))
@@ -615,7 +699,7 @@ class DAVIS2017_Train(VOSTrain):
         super().__init__(image_root, label_root, imglistdic, transform, rgb, repeat_time,
                          rand_gap, seq_len, rand_reverse, dynamic_merge, enable_prev_frame,
                          merge_prob=merge_prob, max_obj_n=max_obj_n, mask_mode=mask_mode,
-                         seed=seed)
+                         seed=seed, label_free=label_free)
 
     @staticmethod
     def _split_names(root, entry, year, resolution):
@@ -640,7 +724,7 @@ class YOUTUBEVOS_Train(VOSTrain):
 
     def __init__(self, root='./datasets/YTB', year=2019, transform=None, rgb=True, rand_gap=3,
                  seq_len=5, rand_reverse=True, dynamic_merge=True, enable_prev_frame=False,
-                 max_obj_n=10, merge_prob=0.3, repeat_time=1, seed=0):
+                 max_obj_n=10, merge_prob=0.3, repeat_time=1, seed=0, label_free=False):
         candidates = [os.path.join(root, str(year), 'train'), os.path.join(root, 'train')]
         base = next((c for c in candidates if os.path.isdir(c)), None)
         if base is None:
@@ -682,7 +766,7 @@ class YOUTUBEVOS_Train(VOSTrain):
         super().__init__(image_root, label_root, imglistdic, transform, rgb, repeat_time,
                          rand_gap, seq_len, rand_reverse, dynamic_merge, enable_prev_frame,
                          merge_prob=merge_prob, max_obj_n=max_obj_n, mask_mode='index',
-                         seed=seed)
+                         seed=seed, label_free=label_free)
 
 
 # ----------------------------------------------------------------------------------------
@@ -712,7 +796,8 @@ def build_train_dataset(cfg, seed=0, transform=None):
 
     Roots: ``cfg.DIR_STATIC``, ``cfg.DIR_DAVIS`` (also for 'davis2016' unless
     ``cfg.DIR_DAVIS2016`` is set) and ``cfg.DIR_YTB``. VOS clips use
-    ``train_transforms_from_cfg(cfg)`` unless ``transform`` is given. As upstream,
+    ``train_transforms_from_cfg(cfg)`` unless ``transform`` is given; ``cfg.DATA_LABEL_FREE``
+    makes video clips read their first frame's mask only (``VOSTrain``). As upstream,
     the separate-prev-frame mode (``cfg.TRAIN_ENABLE_PREV_FRAME``) is off when static
     images are in the mix.
     """
@@ -727,8 +812,10 @@ def build_train_dataset(cfg, seed=0, transform=None):
     transform = transform if transform is not None else train_transforms_from_cfg(cfg)
     common = dict(seq_len=cfg.DATA_SEQ_LEN, merge_prob=cfg.DATA_DYNAMIC_MERGE_PROB,
                   max_obj_n=cfg.MODEL_MAX_OBJ_NUM, seed=seed)
+    # Label-free stages (distillation) read each video's first mask only; static images
+    # have one mask each, which is every clip's reference, so they need no change.
     video = dict(common, transform=transform, rand_reverse=cfg.DATA_RANDOM_REVERSE_SEQ,
-                 enable_prev_frame=enable_prev_frame)
+                 enable_prev_frame=enable_prev_frame, label_free=cfg.DATA_LABEL_FREE)
     datasets = []
     for k, name in enumerate(names):
         if name == 'static':

