@@ -106,7 +106,7 @@ def test_video_file_writes_every_png_and_a_playable_mp4(tmp_path, capsys):
 
     summary = json.loads((out / 'summary.json').read_text())
     assert summary['frames'] == n and summary['objects'] == [2, 7]
-    assert summary['model'] == 'deaott' and summary['checkpoint'] is None
+    assert summary['model'] == 'deaott_gda' and summary['checkpoint'] is None
     assert summary['weights_trained'] is False
     assert summary['fps'] > 0 and summary['peak_memory_mb'] > 0
     assert summary['max_memory_frames'] == 8
@@ -247,7 +247,8 @@ def test_finds_trained_weights_in_pretrain_models(tmp_path, capsys, monkeypatch)
     video, mask, out = tmp_path / 'c.mp4', tmp_path / 'm.png', tmp_path / 'out'
     make_video(video, 2)
     save_palette(truth_ids(), mask)
-    rc, err = run(['--input', video, '--mask', mask, '--output', out], capsys)
+    rc, err = run(['--input', video, '--mask', mask, '--output', out, '--model', 'deaott'],
+                  capsys)
     assert rc == 0, err
     assert 'UNTRAINED' not in err
     summary = json.loads((out / 'summary.json').read_text())
@@ -258,7 +259,10 @@ def test_sample_is_deterministic(tmp_path):
     a = demo.make_sample(str(tmp_path / 'a'), num_frames=4, size=(48, 80))
     b = demo.make_sample(str(tmp_path / 'b'), num_frames=4, size=(48, 80))
     assert read_png(a[1])[2].tolist() == read_png(b[1])[2].tolist()
-    assert set(np.unique(read_png(a[1])[2])) == {0, 1, 2, 3}
+    assert set(np.unique(read_png(a[1])[2])) == {0, 1, 2}
+    # every frame's ground truth is written, and frame 0's equals the first-frame mask
+    assert sorted(os.listdir(a[2])) == [f'{i:05d}.png' for i in range(4)]
+    assert np.array_equal(read_png(os.path.join(a[2], '00000.png'))[2], read_png(a[1])[2])
     ca, cb = cv2.VideoCapture(a[0]), cv2.VideoCapture(b[0])
     for _ in range(4):
         (oka, fa), (okb, fb) = ca.read(), cb.read()
@@ -275,7 +279,8 @@ def test_no_arguments_runs_the_sample(tmp_path, capsys, monkeypatch):
     assert len(os.listdir(out / 'pred_masks' / 'sample')) == 6
     assert count_video_frames(out / 'sample_overlay.mp4') == (6, (64, 112))
     summary = json.loads((out / 'summary.json').read_text())
-    assert summary['objects'] == [1, 2, 3] and summary['weights_trained'] is False
+    assert summary['objects'] == [1, 2] and summary['weights_trained'] is False
+    assert 0 <= summary['sample_scores']['J&F'] <= 1 and 'scikit-image' in summary['sample_licence']
 
 
 @pytest.mark.slow

@@ -20,10 +20,12 @@ Writes into ``--output``:
   the network and end to end, and peak memory (process RSS on CPU,
   ``torch.cuda.max_memory_allocated`` on CUDA).
 
-Without ``--input`` a synthetic sample (moving shapes on a textured background, and its first-frame
-mask) is generated into ``<output>/sample/`` and segmented. Without ``--ckpt_path`` the demo looks
-for ``<MODEL_NAME>_<STAGE>.pth`` in ``pretrain_models/``; with none there it runs on untrained
-(random) weights and says so: the masks are then meaningless. Long-term memory is capped
+Without ``--input`` the built-in sample (real photographs in motion with exact ground truth, see
+``dataloaders/sample_video.py``) is written into ``<output>/sample/`` and segmented, and its J&F
+is printed. The default model is the shipped distilled student ``deaott_gda``. Without
+``--ckpt_path`` the demo looks in ``pretrain_models/`` for a released ``<MODEL_NAME>_<STAGE>.pth``,
+then for the project's shipped weights (``networks/models/zoo.py``); with none there it runs on
+untrained (random) weights and says so: the masks are then meaningless. Long-term memory is capped
 (``--max_memory_frames``, default 8), so memory stays flat on long videos. Existing results are
 never replaced unless ``--overwrite`` is given.
 """
@@ -39,7 +41,6 @@ import warnings
 if __package__ in (None, ''):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -49,11 +50,10 @@ from utils.image import (MaskFormatError, MaskWarning, overlay_mask, read_mask, 
 from utils.video_io import (FrameSourceError, IMAGE_EXTENSIONS, VideoWriter,  # noqa: E402
                             natural_key, open_frames)
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN_DIR = os.path.join(REPO_ROOT, 'pretrain_models')
-# Released checkpoints are named <MODEL_NAME>_<STAGE>.pth; the best stage first.
-CKPT_STAGES = ('PRE_YTB_DAV', 'PRE_YTB', 'PRE_DAV', 'YTB', 'PRE')
-SAMPLE_FRAMES, SAMPLE_SIZE = 40, (240, 432)
+from dataloaders.sample_video import (LICENCE as SAMPLE_LICENCE, SAMPLE_FRAMES,  # noqa: E402
+                                      SAMPLE_SIZE, make_sample, sample_scores)
+from networks.models.zoo import (DEFAULT_MODEL, PRETRAIN_DIR, expected_files,  # noqa: E402
+                                 find_checkpoint)
 
 
 class DemoError(Exception):
@@ -71,9 +71,12 @@ def build_parser():
     p.add_argument('--output', type=str, default='./demo_output')
     p.add_argument('--seq', type=str, default='',
                    help='sequence name used in output names (default: from --input)')
-    p.add_argument('--model', type=str, default='deaott', help='model id, e.g. deaott, r50_deaotl')
+    p.add_argument('--model', type=str, default=DEFAULT_MODEL,
+                   help=f'model id, e.g. deaott, r50_deaotl (default {DEFAULT_MODEL}, the shipped '
+                        f'distilled student)')
     p.add_argument('--ckpt_path', type=str, default='',
-                   help='checkpoint (default: <MODEL_NAME>_<STAGE>.pth in pretrain_models/)')
+                   help='checkpoint (default: a released <MODEL_NAME>_<STAGE>.pth or the shipped '
+                        'weights in pretrain_models/)')
     p.add_argument('--device', type=str, default='', help='cpu, cuda, cuda:1... '
                    '(default: cuda when available)')
     p.add_argument('--amp', action='store_true',
@@ -90,75 +93,7 @@ def build_parser():
     return p
 
 
-# -- the built-in sample --------------------------------------------------------------------
-def _sample_shapes(i, h, w):
-    """Geometry of the three sample objects on frame ``i`` (id, kind, parameters, colour)."""
-    disc = (int(w * 0.14 + w * 0.017 * i), int(h * 0.33 + h * 0.08 * np.sin(i / 6.)))
-    rect_x = int(w * 0.76 - w * 0.012 * i)
-    rect = ((rect_x, int(h * 0.62)), (rect_x + int(w * 0.14), int(h * 0.62) + int(h * 0.17)))
-    ell_c = (int(w * 0.5), int(h * 0.5))
-    return [(3, 'ellipse', (ell_c, (int(w * 0.1), int(h * 0.09)), 3.0 * i), (230, 200, 40)),
-            (2, 'rect', rect, (40, 190, 70)),
-            (1, 'disc', (disc, int(min(h, w) * 0.12)), (210, 40, 50))]
-
-
-def _draw(canvas, kind, params, value):
-    if kind == 'disc':
-        cv2.circle(canvas, params[0], params[1], value, -1, lineType=cv2.LINE_8)
-    elif kind == 'rect':
-        cv2.rectangle(canvas, params[0], params[1], value, -1, lineType=cv2.LINE_8)
-    else:
-        cv2.ellipse(canvas, params[0], params[1], params[2], 0, 360, value, -1,
-                    lineType=cv2.LINE_8)
-
-
-def make_sample(folder, num_frames=None, size=None, seed=0):
-    """Write a deterministic synthetic clip and its first-frame mask into ``folder``.
-
-    Three objects (a disc, a rectangle, a rotating ellipse; ids 1, 2, 3) move over a smooth
-    random texture that pans slowly; the disc passes in front of the ellipse. Returns
-    ``(video_path, mask_path)``.
-    """
-    num_frames = SAMPLE_FRAMES if num_frames is None else num_frames
-    h, w = SAMPLE_SIZE if size is None else size
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(60, 200, (h // 16 + 2, w // 16 + 2, 3)).astype(np.float32)
-    coarse = 0.4 * coarse + 0.6 * coarse.mean(axis=2, keepdims=True)  # muted colours
-    texture = cv2.resize(coarse, (w + 2 * num_frames, h), interpolation=cv2.INTER_CUBIC)
-    texture += rng.normal(0, 8, texture.shape).astype(np.float32)
-    grain = rng.normal(0, 6, (h, w, 3)).astype(np.float32)
-    video = os.path.join(folder, 'sample.mp4')
-    mask_path = os.path.join(folder, 'sample_mask.png')
-    with VideoWriter(video, fps=15, size=(h, w)) as writer:
-        for i in range(num_frames):
-            frame = texture[:, 2 * i:2 * i + w].copy()
-            for _, kind, params, colour in _sample_shapes(i, h, w):
-                layer = np.zeros((h, w), np.uint8)
-                _draw(layer, kind, params, 1)
-                frame[layer > 0] = np.asarray(colour, np.float32) + grain[layer > 0]
-            writer.write(np.clip(frame, 0, 255).astype(np.uint8))
-    mask = np.zeros((h, w), np.uint8)
-    for oid, kind, params, _ in _sample_shapes(0, h, w):
-        _draw(mask, kind, params, oid)
-    save_mask(mask, mask_path)
-    return video, mask_path
-
-
 # -- inputs ---------------------------------------------------------------------------------
-def find_checkpoint(cfg, folder=None):
-    """``<folder>/<MODEL_NAME>_<STAGE>.pth`` for the first stage of :data:`CKPT_STAGES` found
-    (file names compared case-insensitively), else ``None``."""
-    folder = PRETRAIN_DIR if folder is None else folder
-    if not os.path.isdir(folder):
-        return None
-    files = {f.lower(): f for f in os.listdir(folder)}
-    for stage in CKPT_STAGES:
-        name = f'{cfg.MODEL_NAME}_{stage}.pth'.lower()
-        if name in files:
-            return os.path.join(folder, files[name])
-    return None
-
-
 def mask_files(mask_arg, source):
     """``{frame index: mask path}`` from ``--mask`` (a file for frame 0, or a folder)."""
     if os.path.isfile(mask_arg):
@@ -239,20 +174,23 @@ def run(args):
         cfg = build_config('pre_ytb_dav', 'demo', args.model)
     except ValueError as exc:
         raise DemoError(str(exc)) from None
-    ckpt = args.ckpt_path or find_checkpoint(cfg)
+    ckpt = args.ckpt_path or find_checkpoint(args.model, cfg.MODEL_NAME, PRETRAIN_DIR)
     if args.ckpt_path and not os.path.isfile(args.ckpt_path):
         raise DemoError(f'{args.ckpt_path}: checkpoint not found')
     if not ckpt:
-        names = ', '.join(f'{cfg.MODEL_NAME}_{s}.pth' for s in CKPT_STAGES[:2])
+        names = ', '.join(expected_files(args.model, cfg.MODEL_NAME))
         print(f'\nWARNING: no trained weights for model {args.model!r}: no --ckpt_path and no '
               f'{names}... in {PRETRAIN_DIR}.\nWARNING: the network runs with UNTRAINED (random) '
               f'weights, so the masks it writes are MEANINGLESS; this run only shows that the '
               f'pipeline works.\nWARNING: put a released checkpoint in pretrain_models/ or pass '
               f'--ckpt_path.\n', file=sys.stderr, flush=True)
 
+    gt_dir = None
     if sample:
-        video, first_mask = make_sample(os.path.join(output, 'sample'))
+        video, first_mask, gt_dir = make_sample(os.path.join(output, 'sample'), SAMPLE_FRAMES,
+                                                SAMPLE_SIZE)
         args.input, args.mask = video, first_mask
+        print(f'sample video: {SAMPLE_LICENCE}', flush=True)
     source = open_frames(args.input)
     masks = mask_files(args.mask, source)
     objects = set()
@@ -277,7 +215,7 @@ def run(args):
     fps = args.fps or source.fps or 15.
     from tqdm import tqdm
     start = time.perf_counter()
-    written = 0
+    written, labels = 0, []
     # The frames are decoded here once and handed to step(): the overlay needs them too. Masks
     # are read when their frame comes, so a folder of many masks is never all in memory.
     with VideoWriter(overlay_path, fps=fps, size=source.size) as writer, \
@@ -290,6 +228,8 @@ def run(args):
                     mask = read_mask(masks[index], size=source.size, max_id=255)
             out = seg.step(frame, mask=mask)
             save_mask(out.label, os.path.join(mask_dir, source.names[index] + '.png'))
+            if gt_dir is not None:
+                labels.append(out.label)
             writer.write(overlay_mask(frame, out.label, alpha=0.5))
             written += 1
             bar.update(1)
@@ -321,12 +261,22 @@ def run(args):
         'peak_rss_mb': None if peak_rss is None else round(peak_rss, 1),
         'outputs': {'masks': mask_dir, 'overlay': overlay_path},
     }
+    if gt_dir is not None:
+        gt = [read_mask(os.path.join(gt_dir, f'{i:05d}.png'), max_id=255)
+              for i in range(len(labels))]
+        scores = sample_scores(labels, gt)
+        summary['sample_scores'] = {k: round(v, 4) if isinstance(v, float) else v
+                                    for k, v in scores.items()}
+        summary['sample_licence'] = SAMPLE_LICENCE
     if not ckpt:
         summary['note'] = 'untrained (random) weights: the masks are meaningless'
     _atomic_json(summary, summary_path)
     print(f'{seq}: {written} frames, objects {summary["objects"]}, {summary["fps"]:.2f} FPS '
           f'(network), peak memory {summary["peak_memory_mb"]} MB ({summary["peak_memory_kind"]})'
           f'\nmasks: {mask_dir}\noverlay: {overlay_path}\nsummary: {summary_path}')
+    if gt_dir is not None:
+        print(f'sample J&F {100 * scores["J&F"]:.1f} (J {100 * scores["J"]:.1f}, '
+              f'F {100 * scores["F"]:.1f}) against its ground truth ({gt_dir})')
     if not ckpt:
         print('WARNING: these masks come from UNTRAINED weights and are meaningless.',
               file=sys.stderr)

@@ -2,7 +2,8 @@
 
 ::
 
-    seg = VideoObjectSegmenter('deaott', ckpt_path='pretrain_models/DeAOTT_PRE_YTB_DAV.pth')
+    seg = VideoObjectSegmenter()          # the shipped distilled student, deaott_gda
+    # or VideoObjectSegmenter('deaott', ckpt_path='pretrain_models/DeAOTT_PRE_YTB_DAV.pth')
     seg.open('video.mp4')                 # or a folder of frames; decoded one frame at a time
     seg.add_mask(0, 'first_frame.png')    # an id map: 0 = background, any ids you like
     for frame_idx, label, probs in seg.propagate():
@@ -41,6 +42,7 @@ Differences from the evaluator, all opt-in or invisible when unused:
 import contextlib
 import os
 import time
+import warnings
 from typing import Dict, NamedTuple, Optional
 
 import numpy as np
@@ -49,9 +51,15 @@ import torch.nn.functional as F
 
 from dataloaders.eval_transforms import MultiRestrictSize, MultiToTensor
 from networks.engines import build_engine
+from networks.models.zoo import DEFAULT_MODEL, PRETRAIN_DIR, expected_files, find_checkpoint
 from utils.device import resolve_device
 
 DEFAULT_MAX_RESOLUTION = 480 * 1.3  # upstream's --max_resolution: long edge <= 624*800/480 = 1040
+AUTO_WEIGHTS = 'auto'  # ckpt_path default: the model id's weights from pretrain_models/
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """A model id was asked for and no trained weights for it were found."""
 
 
 class FrameOutput(NamedTuple):
@@ -114,8 +122,12 @@ class VideoObjectSegmenter:
         model: a model id (``'deaott'``, ``'r50_deaotl'``, ...) or an already built
             AOT/DeAOT module (with its ``cfg``); ``cfg`` overrides the id's config (e.g. a GDA
             student: a DeAOT config with ``MODEL_LT_ATTENTION = 'deformable'``).
-        ckpt_path: checkpoint to load (upstream layouts accepted); ``None``: the weights stay
-            as built (random), which is only good for testing.
+        ckpt_path: checkpoint to load (upstream layouts accepted). The default, ``'auto'``,
+            takes a model id's weights from ``pretrain_models/`` (a released upstream file, else
+            the project's shipped weights: ``networks/models/zoo.py``), warning with
+            :class:`UntrainedWeightsWarning` when there are none; for a built module it keeps
+            the module's weights. ``None``: the weights stay as built (random for a model id),
+            which is only good for testing.
         device: ``'cuda'``, ``'cpu'``... (default: CUDA when available).
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``; other than float32 runs
             the network under ``torch.autocast``.
@@ -132,11 +144,13 @@ class VideoObjectSegmenter:
         return_probs: also return per-object probabilities (a copy per object per frame).
     """
 
-    def __init__(self, model='deaott', ckpt_path=None, device=None, dtype=None, amp=False,
-                 max_memory_frames=8, long_term_mem_gap=None, short_term_mem_skip=None,
+    def __init__(self, model=DEFAULT_MODEL, ckpt_path=AUTO_WEIGHTS, device=None, dtype=None,
+                 amp=False, max_memory_frames=8, long_term_mem_gap=None, short_term_mem_skip=None,
                  max_resolution=DEFAULT_MAX_RESOLUTION, return_probs=True, cfg=None):
         self.device = resolve_device(device)
         if isinstance(model, torch.nn.Module):
+            if ckpt_path == AUTO_WEIGHTS:  # a built module keeps the weights it has
+                ckpt_path = None
             self.cfg = cfg if cfg is not None else model.cfg
             self.load_report = None
             if ckpt_path:
@@ -148,6 +162,15 @@ class VideoObjectSegmenter:
             self.model = model.to(self.device).eval()
         else:
             from networks.models import load_vos_model
+            if ckpt_path == AUTO_WEIGHTS:
+                from configs.default import load_model_config
+                name = (cfg if cfg is not None else load_model_config(model)).MODEL_NAME
+                ckpt_path = find_checkpoint(model, name)
+                if ckpt_path is None:
+                    warnings.warn(f'no trained weights for {model!r} in {PRETRAIN_DIR} (looked '
+                                  f'for {", ".join(expected_files(model, name))}): the model '
+                                  f'has UNTRAINED random weights and its masks are meaningless',
+                                  UntrainedWeightsWarning, stacklevel=2)
             self.cfg, self.model, self.load_report = load_vos_model(
                 model, ckpt_path=ckpt_path, device=self.device, cfg=cfg)
         self.model_id = getattr(self.cfg, 'MODEL_ID', str(model))

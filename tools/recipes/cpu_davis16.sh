@@ -21,8 +21,8 @@ PROCS=${PROCS:-2}
 # Steps per stage (the budget of a 2-core CPU; see docs/results.md).
 T_PRE=${T_PRE:-1000}
 T_DAV=${T_DAV:-1200}
-S_KD1=${S_KD1:-800}
-S_KD2=${S_KD2:-1200}
+S_KD1=${S_KD1:-500}
+S_KD2=${S_KD2:-900}
 CROP=${CROP:-161,161}
 SHORT_EDGE=${SHORT_EDGE:-240}
 
