@@ -17,5 +17,10 @@ setup(
         'scikit-image>=0.20',
         'tqdm>=4.60',
     ],
-    extras_require={'test': ['pytest>=7'], 'tb': ['tensorboard>=2.10']},
+    extras_require={
+        'test': ['pytest>=7', 'onnx>=1.15', 'onnxruntime>=1.17'],
+        'tb': ['tensorboard>=2.10'],
+        # tools/export_onnx.py and VideoObjectSegmenter(..., backend='onnxruntime')
+        'onnx': ['onnx>=1.15', 'onnxruntime>=1.17'],
+    },
 )

@@ -71,7 +71,9 @@ def _tiles(x, tile, halo):
     The map is zero-padded by ``halo`` on every side and up to a multiple of ``tile``.
     """
     N, C, h, w = x.shape
-    ph, pw = (-h) % tile, (-w) % tile
+    # Padding and tile counts with non-negative operands only: the same integers, and they
+    # export to ONNX correctly (its integer Div truncates where Python floors).
+    ph, pw = (tile - h % tile) % tile, (tile - w % tile) % tile
     xp = F.pad(x, (halo, halo + pw, halo, halo + ph))
     k = tile + 2 * halo
     cols = F.unfold(xp, kernel_size=k, stride=tile)            # (N, C*k*k, nT)
@@ -81,7 +83,7 @@ def _tiles(x, tile, halo):
 
 def _untile(x, N, h, w, tile):
     """``(N * nT, t*t, C)`` -> ``(N, C, h, w)`` (inverse of tiling queries)."""
-    nTy, nTx = -(-h // tile), -(-w // tile)
+    nTy, nTx = (h + tile - 1) // tile, (w + tile - 1) // tile
     C = x.shape[-1]
     x = x.view(N, nTy, nTx, tile, tile, C).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(N, C, nTy * tile, nTx * tile)[:, :, :h, :w]
