@@ -89,6 +89,9 @@ def build_parser():
                    help='long-term memory gap in frames (default: the model\'s)')
     p.add_argument('--fps', type=float, default=0,
                    help='frame rate of the overlay video (default: the input\'s, else 15)')
+    p.add_argument('--backend', choices=('torch', 'onnxruntime'), default='torch',
+                   help='onnxruntime: run the files tools/export_onnx.py wrote (--ckpt_path '
+                        'student.onnx; needs pip install -e ".[onnx]")')
     p.add_argument('--overwrite', action='store_true', help='replace existing results')
     return p
 
@@ -174,6 +177,10 @@ def run(args):
         cfg = build_config('pre_ytb_dav', 'demo', args.model)
     except ValueError as exc:
         raise DemoError(str(exc)) from None
+    onnx = getattr(args, 'backend', 'torch') == 'onnxruntime'
+    if onnx and not args.ckpt_path.endswith('.onnx'):
+        raise DemoError('--backend onnxruntime needs --ckpt_path <name>.onnx (the export '
+                        'tools/export_onnx.py wrote)')
     ckpt = args.ckpt_path or find_checkpoint(args.model, cfg.MODEL_NAME, PRETRAIN_DIR)
     if args.ckpt_path and not os.path.isfile(args.ckpt_path):
         raise DemoError(f'{args.ckpt_path}: checkpoint not found')
@@ -200,11 +207,17 @@ def run(args):
         raise DemoError(f'{args.mask}: the masks hold no object (every pixel is 0)')
 
     torch.manual_seed(0)  # untrained runs give the same masks every time
-    seg = VideoObjectSegmenter(
-        args.model, ckpt_path=ckpt or None, device=device, amp=args.amp, cfg=cfg,
-        max_memory_frames=args.max_memory_frames if args.max_memory_frames > 0 else None,
-        long_term_mem_gap=args.lt_gap if args.lt_gap > 0 else None,
-        max_resolution=args.max_resolution, return_probs=False)
+    try:
+        seg = VideoObjectSegmenter(
+            args.model, ckpt_path=ckpt or None, device=device, amp=args.amp, cfg=cfg,
+            max_memory_frames=args.max_memory_frames if args.max_memory_frames > 0 else None,
+            long_term_mem_gap=args.lt_gap if args.lt_gap > 0 else None,
+            max_resolution=args.max_resolution, return_probs=False,
+            backend='onnxruntime' if onnx else 'torch')
+    except (ImportError, ValueError) as exc:
+        if not onnx:
+            raise
+        raise DemoError(str(exc)) from None
     seg.open(source)
 
     if os.path.isdir(mask_dir):  # --overwrite: no stale frames from an earlier, longer run
@@ -250,6 +263,7 @@ def run(args):
         'device': str(seg.device),
         'amp': bool(args.amp),
         'dtype': str(seg.dtype).replace('torch.', ''),
+        'backend': getattr(seg, 'backend', 'torch'),
         'max_memory_frames': seg.max_memory_frames,
         'long_term_mem_gap': seg.long_term_mem_gap,
         'max_resolution': args.max_resolution,

@@ -142,13 +142,28 @@ class VideoObjectSegmenter:
             edge is at most ``max_resolution * 800 / 480`` (``None``: no limit), then aligned to
             the network stride; outputs are always at the frame's own size.
         return_probs: also return per-object probabilities (a copy per object per frame).
+        backend: ``'torch'`` (default) or ``'onnxruntime'``: run the files that
+            ``tools/export_onnx.py`` wrote (``ckpt_path`` = the exported ``.onnx``; ``model``
+            must be the id it was exported from) with the same memory policy
+            (``networks/managers/onnx_backend.py``). Float32 on the CPU only.
+        onnx_threads: onnxruntime intra-op threads (default: ``torch.get_num_threads()``).
     """
 
     def __init__(self, model=DEFAULT_MODEL, ckpt_path=AUTO_WEIGHTS, device=None, dtype=None,
                  amp=False, max_memory_frames=8, long_term_mem_gap=None, short_term_mem_skip=None,
-                 max_resolution=DEFAULT_MAX_RESOLUTION, return_probs=True, cfg=None):
+                 max_resolution=DEFAULT_MAX_RESOLUTION, return_probs=True, cfg=None,
+                 backend='torch', onnx_threads=None):
         self.device = resolve_device(device)
-        if isinstance(model, torch.nn.Module):
+        self.backend = backend
+        self.onnx = None
+        if backend not in ('torch', 'onnxruntime'):
+            raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
+        if backend == 'onnxruntime':
+            from networks.managers.onnx_backend import open_for_segmenter
+            self.onnx, self.cfg = open_for_segmenter(model, ckpt_path, self.device, dtype, amp,
+                                                     onnx_threads)
+            self.model, self.load_report = None, None
+        elif isinstance(model, torch.nn.Module):
             if ckpt_path == AUTO_WEIGHTS:  # a built module keeps the weights it has
                 ckpt_path = None
             self.cfg = cfg if cfg is not None else model.cfg
@@ -466,11 +481,7 @@ class VideoObjectSegmenter:
             if self.engine is None:
                 gt, _ = self._engine_ids(prompt)
                 self._ref_frame = index
-                self.engine = build_engine(
-                    self.cfg.MODEL_ENGINE, phase='eval', aot_model=self.model, gpu_id=0,
-                    long_term_mem_gap=self.long_term_mem_gap,
-                    short_term_mem_skip=self.short_term_mem_skip,
-                    max_long_term_frames=self.max_memory_frames)
+                self.engine = self._build_engine()
                 self.engine.add_reference_frame(
                     img, F.interpolate(gt, size=in_size, mode='nearest'), frame_step=0,
                     obj_nums=[len(self._engine_to_user) - 1])
@@ -494,6 +505,16 @@ class VideoObjectSegmenter:
         self.stats['frames'] += 1
         self.stats['seconds'] += time.perf_counter() - start
         return self._output(index, label, prob)
+
+    def _build_engine(self):
+        kwargs = dict(long_term_mem_gap=self.long_term_mem_gap,
+                      short_term_mem_skip=self.short_term_mem_skip,
+                      max_long_term_frames=self.max_memory_frames)
+        if self.onnx is not None:
+            from networks.managers.onnx_backend import OnnxInferEngine
+            return OnnxInferEngine(self.onnx, **kwargs)
+        return build_engine(self.cfg.MODEL_ENGINE, phase='eval', aot_model=self.model, gpu_id=0,
+                            **kwargs)
 
     def _merge_prompt(self, prob, prompt, img, index, in_size):
         """A mask on a propagated frame: merge it into the prediction and re-reference.
