@@ -6,6 +6,35 @@ import os
 import tempfile
 
 
+def _process_umask():
+    """The process umask, read without changing it where the OS allows (``os.umask`` can only
+    be read by setting it, which races with files other threads create meanwhile)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def _read_umask_once():
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK_AT_IMPORT = _read_umask_once()
+
+
+def give_default_mode(path):
+    """Give ``path`` the permissions a plain ``open(path, 'w')`` would have (0666 minus the
+    umask). Temporary files from ``tempfile.mkstemp`` are private (0600); every file we write
+    through a temporary file gets this before it is renamed into place."""
+    os.chmod(path, 0o666 & ~_process_umask())
+
+
 def atomic_write(path, write, mode='wb'):
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``.
 
@@ -22,10 +51,7 @@ def atomic_write(path, write, mode='wb'):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp files are private (0600); give the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -39,3 +65,13 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj, indent=1):
     atomic_write_text(path, json.dumps(obj, indent=indent) + '\n')
+
+
+def file_sha256(path, chunk=1 << 20):
+    """Hex SHA-256 of a file's contents, read in chunks."""
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()

@@ -18,6 +18,8 @@ import tempfile
 import cv2
 import numpy as np
 
+from utils.io import give_default_mode
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -53,12 +55,26 @@ class FrameFolder:
             dup = sorted({n for n in self.names if self.names.count(n) > 1})
             raise FrameSourceError(f'{self.path}: several frames share a name: {dup[:5]} '
                                    f'(e.g. 00001.jpg and 00001.png); keep one per frame')
-        from utils.image import image_size
-        try:
-            self.size = image_size(self.files[0])
-        except ValueError as exc:
-            raise FrameSourceError(str(exc)) from exc
+        self.size = self._check_sizes()
         self.fps = None
+
+    def _check_sizes(self):
+        """``(H, W)`` of the frames, from every file's header (no decoding), so a frame of
+        another size or a file that is not an image fails here, before any result is written."""
+        from utils.image import image_size
+        size = None
+        for path in self.files:
+            try:
+                this = image_size(path)
+            except ValueError as exc:
+                raise FrameSourceError(str(exc)) from exc
+            if size is None:
+                size = this
+            elif this != size:
+                raise FrameSourceError(
+                    f'{path}: frame is {this[1]}x{this[0]} (WxH) but {self.files[0]} is '
+                    f'{size[1]}x{size[0]}; all frames of a video must have one size')
+        return size
 
     def __len__(self):
         return len(self.files)
@@ -191,7 +207,9 @@ class VideoWriter:
     Args:
         path: destination ``.mp4``.
         fps: frame rate written into the container.
-        size: ``(H, W)`` of every frame.
+        size: ``(H, W)`` of every frame. The video is written at this size rounded up to even
+            numbers (:attr:`video_size`; mp4v needs even sizes): odd sizes get one black row or
+            column at the bottom or right, so no pixel of the frame is lost.
     """
 
     def __init__(self, path, fps, size):
@@ -203,7 +221,9 @@ class VideoWriter:
         fd, self._tmp = tempfile.mkstemp(dir=folder, suffix='.mp4',
                                          prefix='.' + os.path.basename(self.path) + '.')
         os.close(fd)
-        h, w = self.size
+        # mp4v needs even dimensions (OpenCV would silently crop 101x77 to 100x76): odd sizes
+        # are padded by one black row / column at the bottom / right, never cropped.
+        h, w = self.video_size = tuple(s + s % 2 for s in self.size)
         self._writer = cv2.VideoWriter(self._tmp, cv2.VideoWriter_fourcc(*'mp4v'), float(fps),
                                        (w, h))
         if not self._writer.isOpened():
@@ -218,6 +238,10 @@ class VideoWriter:
         if frame.shape != self.size + (3,) or frame.dtype != np.uint8:
             raise ValueError(f'{self.path}: frames must be {self.size + (3,)} uint8 RGB, got '
                              f'{frame.shape} {frame.dtype}')
+        if self.video_size != self.size:
+            padded = np.zeros(self.video_size + (3,), np.uint8)
+            padded[:self.size[0], :self.size[1]] = frame
+            frame = padded
         self._writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
         self.frames_written += 1
 
@@ -227,6 +251,7 @@ class VideoWriter:
             return
         self._writer.release()
         self._writer = None
+        give_default_mode(self._tmp)
         os.replace(self._tmp, self.path)
 
     def abort(self):
