@@ -152,7 +152,9 @@ class VOSTest(Dataset):
     def _read_raw_label(self, label_name):
         """Original ids: binarised for single-object data, void read as background."""
         path = self._label_path(label_name)
-        label = read_mask(path)
+        # Palette void (255) is read as background by read_mask (the project-wide rule); a
+        # single-object set's 255 is its object, so it is kept there.
+        label = read_mask(path, void_id=None if self.single_obj else self.void_id)
         if self.single_obj:
             return (label > 0).astype(np.uint8)
         if self.void_id is not None:

@@ -5,7 +5,11 @@ Object ids are written as indexed (mode ``'P'``) PNGs; the palette only matters 
 
 ``read_mask`` accepts the formats masks come in:
 
-- palette PNG (``'P'``): the palette indices are the ids (what the DAVIS toolkit reads);
+- palette PNG (``'P'``): the palette indices are the ids (what the DAVIS toolkit reads), except
+  index 255 (:data:`VOID_ID`), which is **void** everywhere in this project (DAVIS-2017 marks
+  unlabelled pixels with it): it is read as background, with a :class:`MaskWarning`, in the
+  demo, the Python API and evaluation alike (training keeps it as "ignore" in the loss). So
+  palette masks hold objects 1..254;
 - grayscale (``'L'``, ``'I;16'``, ``'I'``): values are ids, except a binary 0/255 mask which
   becomes {0, 1} (the DAVIS-2016 convention);
 - ``'1'`` bit masks: {0, 1};
@@ -33,6 +37,20 @@ class MaskFormatError(ValueError):
 
 class MaskWarning(UserWarning):
     """A mask was read but had to be repaired (anti-aliased edges, near-palette colours...)."""
+
+
+VOID_ID = 255  # palette index of void ("not labelled") pixels, read as background
+
+
+def drop_void(ids, path, void_id=VOID_ID):
+    """``ids`` with ``void_id`` pixels set to 0 (background), warning with the count."""
+    void = ids == void_id
+    if void.any():
+        warnings.warn(f'{path}: {int(void.sum())} px with the void value {void_id} are read as '
+                      f'background (void is ignored, never an object)', MaskWarning,
+                      stacklevel=3)
+        ids = np.where(void, 0, ids)
+    return ids
 
 
 def voc_colormap(n=256):
@@ -254,7 +272,7 @@ def _is_grayscale_mask(rgb, palette):
     return not all(v * 0x010101 in table_codes for v in solid)
 
 
-def read_mask(path, *, palette=None, max_id=None, size=None):
+def read_mask(path, *, palette=None, max_id=None, size=None, void_id=VOID_ID):
     """Read a mask file as an ``(H, W)`` id map (uint8 when every id fits, else int32).
 
     Args:
@@ -263,6 +281,9 @@ def read_mask(path, *, palette=None, max_id=None, size=None):
             VOC colour map plus upstream's variants.
         max_id: if given, ids above it raise :class:`MaskFormatError`.
         size: if given, the ``(H, W)`` the mask must have (its frame's size).
+        void_id: palette index read as background (void), default 255; ``None`` keeps it as an
+            id. Only palette (``'P'``) masks have void; in grayscale masks 255 is an id (or the
+            object of a binary 0/255 mask).
 
     Ids are not renumbered: non-contiguous ids (e.g. {0, 2, 7}) stay as they are.
     """
@@ -280,6 +301,8 @@ def read_mask(path, *, palette=None, max_id=None, size=None):
 
     if mode == 'P':
         ids = arr.astype(np.int64)
+        if void_id is not None:
+            ids = drop_void(ids, path, void_id)
         _warn_phantom_ids(ids, path)
     elif mode == '1':
         ids = arr.astype(np.int64)
@@ -300,6 +323,8 @@ def read_mask(path, *, palette=None, max_id=None, size=None):
             ids = _binary_or_ids(gray, path)
         else:
             ids = _decode_colours(rgb, path, palette)
+            if void_id is not None:  # a rendering of a palette mask: its void colour is void
+                ids = drop_void(ids, path, void_id)
     else:
         raise MaskFormatError(f'{path}: unsupported image mode {mode!r} for a mask; use an '
                               f'indexed (P), grayscale (L) or RGB PNG')
