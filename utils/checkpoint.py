@@ -31,15 +31,44 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint's keys or shapes do not fit the model."""
 
 
-def read_state_dict(path):
-    """Read the model state dict of a checkpoint file (any supported layout)."""
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a torch file, or holding
+    objects other than tensors and plain containers); the message names the file."""
+
+
+def _reason(err):
+    """A one-line cause from torch's error, without its advice to retry with
+    ``weights_only=False`` (that would run arbitrary code from the file)."""
+    text = str(err)
+    if 'PytorchStreamReader' in text or 'central directory' in text:
+        return 'the file is truncated or corrupt (an incomplete download or copy?)'
+    if 'Weights only load failed' in text or 'WeightsUnpickler' in text:
+        glob_ = re.search(r'Unsupported global: GLOBAL (\S+)', text)
+        if glob_:
+            return (f'it holds a Python object ({glob_.group(1)}) other than tensors and plain '
+                    f'containers, which is never loaded (it could run code)')
+        return 'not a PyTorch checkpoint (or a damaged one): its contents are not a torch save'
+    if isinstance(err, EOFError):
+        return 'the file is empty or truncated'
+    first = text.strip().splitlines()[0] if text.strip() else ''
+    return f'{type(err).__name__}: {first}' if first else type(err).__name__
+
+
+def load_checkpoint_file(path):
+    """``torch.load`` a checkpoint safely (``weights_only``, on the CPU); every failure is a
+    :class:`CheckpointReadError` naming the file, or ``FileNotFoundError``."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # corrupt, truncated or not a torch file
-        raise RuntimeError(f'cannot read checkpoint {path}: {err}') from err
-    return extract_state_dict(ckpt, source=path)
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # corrupt, truncated, not a torch file, or unsafe contents
+        raise CheckpointReadError(f'cannot read checkpoint {path}: {_reason(err)}') from None
+
+
+def read_state_dict(path):
+    """Read the model state dict of a checkpoint file (any supported layout)."""
+    return extract_state_dict(load_checkpoint_file(path), source=path)
 
 
 def extract_state_dict(ckpt, source='<checkpoint>'):

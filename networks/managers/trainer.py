@@ -90,8 +90,9 @@ from torch.utils.data import DataLoader, Sampler
 from networks.engines import build_engine
 from networks.engines.identity import generate_permute_matrix
 from networks.models import GDA_NEW_KEY_PREFIXES, build_vos_model
-from utils.checkpoint import (atomic_torch_save, checkpoint_path, extract_state_dict,
-                              latest_checkpoint, load_network, prune_checkpoints, save_network)
+from utils.checkpoint import (CheckpointReadError, atomic_torch_save, checkpoint_path,
+                              extract_state_dict, list_checkpoints, load_checkpoint_file,
+                              load_network, prune_checkpoints, save_network)
 from utils.device import resolve_device
 from utils.ema import ModelEma, ema_decay
 from utils.learning import adjust_learning_rate, get_trainable_params, load_optimizer_state
@@ -543,8 +544,8 @@ class Trainer:
             path = checkpoint_path(cfg.DIR_CKPT, step)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f'resume step {step} requested but {path} does not exist')
-        elif cfg.TRAIN_AUTO_RESUME:
-            step, _ = latest_checkpoint(cfg.DIR_CKPT)
+        elif cfg.TRAIN_AUTO_RESUME and self.rank == 0:
+            step = self._newest_readable_step()
         if self.world_size > 1:
             # Every process must resume from the step rank 0 sees (the result folder is
             # expected on a shared file system when training on several machines).
@@ -553,6 +554,20 @@ class Trainer:
             step = box[0]
         return step
 
+    def _newest_readable_step(self):
+        """Step of the newest ``save_step_N.pth`` that loads; unreadable newer ones (truncated
+        by a full disk or a bad copy) are skipped, each named in the log. They are left on disk
+        (renamed only by the user) and are replaced when training saves that step again."""
+        self._resume_ckpt = None
+        for step, path in reversed(list_checkpoints(self.cfg.DIR_CKPT)):
+            try:
+                self._resume_ckpt = (step, load_checkpoint_file(path))
+            except CheckpointReadError as err:
+                self.log(f'warning: skipping {path} for resuming: {err}')
+                continue
+            return step
+        return None
+
     def load_checkpoint(self, step):
         """Load model, optimiser, scaler, step state and (rank 0) EMA of ``save_step_step``."""
         cfg = self.cfg
@@ -560,7 +575,8 @@ class Trainer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'checkpoint {path} not found on process {self.rank} (when '
                                     f'training on several machines, DIR_CKPT must be shared)')
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        cached, self._resume_ckpt = getattr(self, '_resume_ckpt', None), None
+        ckpt = cached[1] if cached and cached[0] == step else load_checkpoint_file(path)
         load_network(self.model, ckpt, strict=True, source=path)
         if 'optimizer' in ckpt:
             load_optimizer_state(self.optimizer, ckpt['optimizer'], source=path)
@@ -580,14 +596,20 @@ class Trainer:
         if self.rank == 0:
             self.ema = self._new_ema()
             ema_path = checkpoint_path(cfg.DIR_EMA_CKPT, step)
+            ema_ckpt = None
             if os.path.isfile(ema_path):
-                ema_ckpt = torch.load(ema_path, map_location='cpu', weights_only=True)
+                try:
+                    ema_ckpt = load_checkpoint_file(ema_path)
+                except CheckpointReadError as err:
+                    self.log(f'warning: {err}; the EMA restarts from the resumed weights')
+            if ema_ckpt is not None:
                 self.ema.load_shadow(extract_state_dict(ema_ckpt, ema_path), source=ema_path)
                 # Upstream's EMA files carry no counter; upstream then uses the step.
                 self.ema.num_updates = ema_ckpt.get('ema', {}).get('num_updates', step)
             else:
-                self.log(f'warning: no EMA checkpoint {ema_path}; the EMA restarts from the '
-                         f'resumed weights')
+                if not os.path.isfile(ema_path):
+                    self.log(f'warning: no EMA checkpoint {ema_path}; the EMA restarts from '
+                             f'the resumed weights')
                 self.ema.num_updates = step
         self.log(f'Resumed from {path} (step {self.step}).')
 
