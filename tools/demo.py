@@ -30,8 +30,8 @@ untrained (random) weights and says so: the masks are then meaningless. Long-ter
 never replaced unless ``--overwrite`` is given.
 """
 import argparse
-import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -44,7 +44,9 @@ if __package__ in (None, ''):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from utils.checkpoint import CheckpointMismatchError, CheckpointReadError  # noqa: E402
 from utils.device import DeviceError, resolve_device  # noqa: E402
+from utils.io import atomic_write_json  # noqa: E402
 from utils.image import (MaskFormatError, MaskWarning, overlay_mask, read_mask,  # noqa: E402
                          save_mask)
 from utils.video_io import (FrameSourceError, IMAGE_EXTENSIONS, VideoWriter,  # noqa: E402
@@ -92,38 +94,79 @@ def build_parser():
     p.add_argument('--backend', choices=('torch', 'onnxruntime'), default='torch',
                    help='onnxruntime: run the files tools/export_onnx.py wrote (--ckpt_path '
                         'student.onnx; needs pip install -e ".[onnx]")')
-    p.add_argument('--overwrite', action='store_true', help='replace existing results')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace existing results (only once the new run has succeeded)')
+    p.add_argument('--allow_short_video', action='store_true',
+                   help='accept a video that decodes fewer frames than its container announces '
+                        '(damaged or truncated file); the shortfall is recorded in summary.json')
     return p
 
 
 # -- inputs ---------------------------------------------------------------------------------
+def _frame_number(name):
+    """The number a frame name holds (``'00042'`` -> 42, ``'frame_7'`` -> 7), else None."""
+    digits = re.findall(r'\d+', name)
+    return int(digits[-1]) if digits else None
+
+
 def mask_files(mask_arg, source):
-    """``{frame index: mask path}`` from ``--mask`` (a file for frame 0, or a folder)."""
+    """``{frame index: mask path}`` from ``--mask`` (a file for frame 0, or a folder).
+
+    A mask in a folder belongs to the frame with its name (``00042.png`` -> frame ``00042``);
+    a mask named by a bare number belongs to the frame whose name holds that number
+    (``4.png`` -> ``00004.jpg`` or ``frame_4.jpg``), never to the 5th frame. Frames of a video
+    file are named by their index (``00000``...).
+    """
     if os.path.isfile(mask_arg):
         return {0: mask_arg}
     if not os.path.isdir(mask_arg):
         raise DemoError(f'{mask_arg}: no such mask file or folder')
     names = {n: i for i, n in enumerate(source.names)}
+    numbers = {}
+    for i, n in enumerate(source.names):
+        numbers.setdefault(_frame_number(n), []).append(i)
     found = {}
     files = sorted((f for f in os.listdir(mask_arg)
                     if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')),
                    key=natural_key)
     for f in files:
+        path = os.path.join(mask_arg, f)
         stem = os.path.splitext(f)[0]
         index = names.get(stem)
         if index is None and stem.isdigit():
-            index = int(stem)
-        if index is None or index >= len(source):
-            raise DemoError(f'{os.path.join(mask_arg, f)}: the name matches no frame of the '
-                            f'input ({len(source)} frames named {source.names[0]}..'
-                            f'{source.names[-1]}); name masks after their frames')
+            hits = numbers.get(int(stem), [])
+            if len(hits) > 1:
+                raise DemoError(f'{path}: the number {int(stem)} is in several frame names '
+                                f'({", ".join(source.names[i] for i in hits[:3])}); name the '
+                                f'mask exactly like its frame')
+            index = hits[0] if hits else None
+        if index is None:
+            raise DemoError(f'{path}: the name matches no frame of the input ({len(source)} '
+                            f'frames named {source.names[0]}..{source.names[-1]}); name masks '
+                            f'after their frames (by name, or by the number in the name)')
         if index in found:
-            raise DemoError(f'{os.path.join(mask_arg, f)}: a second mask for frame {index} '
+            raise DemoError(f'{path}: a second mask for frame {source.names[index]} '
                             f'({found[index]})')
-        found[index] = os.path.join(mask_arg, f)
+        found[index] = path
     if not found:
         raise DemoError(f'{mask_arg}: no mask images in the folder')
     return found
+
+
+def _inside(path, folder):
+    """``path`` is ``folder`` or lies under it (after resolving links)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output_location(output, inputs):
+    """Refuse an ``--output`` that is or contains an input (frames, video or masks): results
+    there could replace the inputs."""
+    for what, path in inputs:
+        if path and _inside(path, output):
+            raise DemoError(f'--output {output} contains the {what} {path}; results are '
+                            f'written (and with --overwrite replaced) there, so choose an '
+                            f'--output outside the inputs')
 
 
 def _peak_rss_mb():
@@ -135,23 +178,14 @@ def _peak_rss_mb():
     return peak / 1024. ** 2 if sys.platform == 'darwin' else peak / 1024.
 
 
-def _atomic_json(obj, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.summary.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 # -- the run --------------------------------------------------------------------------------
 def run(args):
-    """Run the demo for parsed ``args``; returns the summary dict."""
+    """Run the demo for parsed ``args``; returns the summary dict.
+
+    Nothing under ``--output`` is touched until the run has succeeded: masks, overlay and
+    summary are written into a hidden staging folder in ``--output`` and moved into place at the
+    end (with ``--overwrite``, replacing the old ones only then).
+    """
     from configs.default import build_config
     from networks.managers.segmenter import VideoObjectSegmenter
 
@@ -159,6 +193,8 @@ def run(args):
         raise DemoError('--input and --mask go together (without both, the built-in sample runs)')
     output = os.path.abspath(args.output)
     sample = not args.input
+    if not sample:
+        check_output_location(output, [('input', args.input), ('mask', args.mask)])
     seq = args.seq or ('sample' if sample else
                        os.path.splitext(os.path.basename(os.path.normpath(args.input)))[0])
     mask_dir = os.path.join(output, 'pred_masks', seq)
@@ -198,13 +234,17 @@ def run(args):
                                                 SAMPLE_SIZE)
         args.input, args.mask = video, first_mask
         print(f'sample video: {SAMPLE_LICENCE}', flush=True)
-    source = open_frames(args.input)
+    source = open_frames(args.input)   # a frame folder's sizes are all checked here
     masks = mask_files(args.mask, source)
+    if os.path.isdir(args.mask):
+        print('masks -> frames (by frame name, or the number in it): ' + ', '.join(
+            f'{os.path.basename(p)} -> {source.names[i]}' for i, p in sorted(masks.items())),
+            flush=True)
     objects = set()
     for path in masks.values():  # read every mask once now, so bad files fail before any work
         objects |= {int(v) for v in np.unique(read_mask(path, size=source.size, max_id=255)) if v}
     if not objects:
-        raise DemoError(f'{args.mask}: the masks hold no object (every pixel is 0)')
+        raise DemoError(f'{args.mask}: the masks hold no object (every pixel is 0 or void)')
 
     torch.manual_seed(0)  # untrained runs give the same masks every time
     try:
@@ -220,9 +260,43 @@ def run(args):
         raise DemoError(str(exc)) from None
     seg.open(source)
 
-    if os.path.isdir(mask_dir):  # --overwrite: no stale frames from an earlier, longer run
-        shutil.rmtree(mask_dir)
-    os.makedirs(mask_dir)
+    created_output = not os.path.isdir(output)
+    os.makedirs(output, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.{seq}.run-', dir=output)
+    try:
+        summary = _segment_into(args, seg, source, masks, objects, seq, ckpt, gt_dir, staging,
+                                mask_dir, overlay_path)
+        _swap_in(staging, mask_dir, overlay_path, summary_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created_output and not os.listdir(output):
+            os.rmdir(output)
+
+    print(f'{seq}: {summary["frames"]} frames, objects {summary["objects"]}, '
+          f'{summary["fps"]:.2f} FPS (network), peak memory {summary["peak_memory_mb"]} MB '
+          f'({summary["peak_memory_kind"]})\nmasks: {mask_dir}\noverlay: {overlay_path}\n'
+          f'summary: {summary_path}')
+    if summary['overlay_size'] != summary['frame_size']:
+        h, w = summary['frame_size']
+        print(f'note: the overlay is {summary["overlay_size"][1]}x{summary["overlay_size"][0]} '
+              f'(WxH): the {w}x{h} frames padded with black at the bottom/right (mp4 needs even '
+              f'sizes); the masks are {w}x{h}')
+    if gt_dir is not None:
+        scores = summary['sample_scores']
+        print(f'sample J&F {100 * scores["J&F"]:.1f} (J {100 * scores["J"]:.1f}, '
+              f'F {100 * scores["F"]:.1f}) against its ground truth ({gt_dir})')
+    if not ckpt:
+        print('WARNING: these masks come from UNTRAINED weights and are meaningless.',
+              file=sys.stderr)
+    return summary
+
+
+def _segment_into(args, seg, source, masks, objects, seq, ckpt, gt_dir, staging, mask_dir,
+                  overlay_path):
+    """Segment the video into ``staging`` (masks/, overlay.mp4, summary.json); returns the
+    summary, which names the final locations."""
+    stage_masks = os.path.join(staging, 'masks')
+    os.makedirs(stage_masks)
     if seg.device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(seg.device)
     fps = args.fps or source.fps or 15.
@@ -231,7 +305,7 @@ def run(args):
     written, labels = 0, []
     # The frames are decoded here once and handed to step(): the overlay needs them too. Masks
     # are read when their frame comes, so a folder of many masks is never all in memory.
-    with VideoWriter(overlay_path, fps=fps, size=source.size) as writer, \
+    with VideoWriter(os.path.join(staging, 'overlay.mp4'), fps=fps, size=source.size) as writer, \
             tqdm(total=len(source), desc=seq, unit='frame', dynamic_ncols=True) as bar:
         for index, frame in enumerate(source.iter_frames()):
             mask = None
@@ -240,13 +314,29 @@ def run(args):
                     warnings.simplefilter('ignore', MaskWarning)
                     mask = read_mask(masks[index], size=source.size, max_id=255)
             out = seg.step(frame, mask=mask)
-            save_mask(out.label, os.path.join(mask_dir, source.names[index] + '.png'))
+            save_mask(out.label, os.path.join(stage_masks, source.names[index] + '.png'))
             if gt_dir is not None:
                 labels.append(out.label)
             writer.write(overlay_mask(frame, out.label, alpha=0.5))
             written += 1
             bar.update(1)
+        overlay_size = list(writer.video_size)
     wall = time.perf_counter() - start
+    problems = []
+    if written < len(source):
+        msg = (f'{args.input}: only {written} of the {len(source)} frames the container '
+               f'announces could be decoded (a damaged or truncated file)')
+        missing = sorted(i for i in masks if i >= written)
+        if missing:
+            raise DemoError(f'{msg}; the masks for frames '
+                            f'{", ".join(source.names[i] for i in missing)} were never used. '
+                            f'Nothing was written')
+        if not args.allow_short_video:
+            raise DemoError(f'{msg}. Nothing was written; pass --allow_short_video to keep the '
+                            f'frames that decode')
+        print(f'WARNING: {msg}; the results cover frames 0..{written - 1} only.',
+              file=sys.stderr, flush=True)
+        problems.append(msg)
 
     cuda = seg.device.type == 'cuda'
     peak_rss = _peak_rss_mb()
@@ -255,7 +345,9 @@ def run(args):
         'input': os.path.abspath(args.input),
         'masks': {source.names[i]: os.path.abspath(p) for i, p in sorted(masks.items())},
         'frames': written,
+        'frames_announced': len(source),
         'frame_size': list(source.size),
+        'overlay_size': overlay_size,
         'objects': sorted(int(o) for o in objects),
         'model': args.model,
         'checkpoint': os.path.abspath(ckpt) if ckpt else None,
@@ -275,6 +367,8 @@ def run(args):
         'peak_rss_mb': None if peak_rss is None else round(peak_rss, 1),
         'outputs': {'masks': mask_dir, 'overlay': overlay_path},
     }
+    if problems:
+        summary['warnings'] = problems
     if gt_dir is not None:
         gt = [read_mask(os.path.join(gt_dir, f'{i:05d}.png'), max_id=255)
               for i in range(len(labels))]
@@ -284,24 +378,34 @@ def run(args):
         summary['sample_licence'] = SAMPLE_LICENCE
     if not ckpt:
         summary['note'] = 'untrained (random) weights: the masks are meaningless'
-    _atomic_json(summary, summary_path)
-    print(f'{seq}: {written} frames, objects {summary["objects"]}, {summary["fps"]:.2f} FPS '
-          f'(network), peak memory {summary["peak_memory_mb"]} MB ({summary["peak_memory_kind"]})'
-          f'\nmasks: {mask_dir}\noverlay: {overlay_path}\nsummary: {summary_path}')
-    if gt_dir is not None:
-        print(f'sample J&F {100 * scores["J&F"]:.1f} (J {100 * scores["J"]:.1f}, '
-              f'F {100 * scores["F"]:.1f}) against its ground truth ({gt_dir})')
-    if not ckpt:
-        print('WARNING: these masks come from UNTRAINED weights and are meaningless.',
-              file=sys.stderr)
+    atomic_write_json(os.path.join(staging, 'summary.json'), summary, indent=2)
     return summary
+
+
+def _swap_in(staging, mask_dir, overlay_path, summary_path):
+    """Move a finished run from ``staging`` into place, replacing an earlier run's results
+    (an earlier, longer run's extra masks go with its folder)."""
+    old = None
+    if os.path.isdir(mask_dir):
+        old = os.path.join(staging, 'replaced_masks')
+        os.replace(mask_dir, old)
+    try:
+        os.makedirs(os.path.dirname(mask_dir), exist_ok=True)
+        os.replace(os.path.join(staging, 'masks'), mask_dir)
+    except BaseException:
+        if old is not None and not os.path.exists(mask_dir):
+            os.replace(old, mask_dir)
+        raise
+    os.replace(os.path.join(staging, 'overlay.mp4'), overlay_path)
+    os.replace(os.path.join(staging, 'summary.json'), summary_path)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (DemoError, FrameSourceError, MaskFormatError, FileNotFoundError) as exc:
+    except (DemoError, FrameSourceError, MaskFormatError, FileNotFoundError,
+            CheckpointMismatchError, CheckpointReadError) as exc:
         print(f'demo.py: error: {exc}', file=sys.stderr)
         return 1
     return 0
