@@ -12,7 +12,9 @@ holding ``DAVIS/`` and ``YTB/``, or a DAVIS / YouTube-VOS / custom dataset folde
 ``--dataset custom`` reads ``<data_path>/{JPEGImages,Annotations}/<seq>/``.
 
 Results go to ``<result_path>/<dataset>/<eval_name>/``; an interrupted run resumes when started
-again with the same flags. DAVIS val runs are scored (J&F) at the end.
+again with the same flags. An explicit ``--ckpt_path`` names the folder after the file (stem and
+a short content hash). A folder made with other settings is never reused: the run stops unless
+``--overwrite`` (which recomputes every sequence). DAVIS val runs are scored (J&F) at the end.
 """
 import argparse
 import os
@@ -55,6 +57,8 @@ def build_parser():
                    help='default: cuda when available')
     p.add_argument('--workers', type=int, default=-1,
                    help='data-loading processes (default: TEST_WORKERS)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace a result folder made with other settings')
     return p
 
 
@@ -119,14 +123,15 @@ def config_from_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from networks.managers.evaluator import run_evaluation
-    from utils.checkpoint import CheckpointMismatchError
+    from utils.checkpoint import CheckpointMismatchError, CheckpointReadError
     from utils.device import resolve_device
     try:
         cfg = config_from_args(args)
         device = resolve_device(args.device)
         run_evaluation(cfg, device=device, amp=args.amp,
-                       workers=args.workers if args.workers >= 0 else None)
-    except (FileNotFoundError, ValueError, CheckpointMismatchError) as exc:
+                       workers=args.workers if args.workers >= 0 else None,
+                       overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError, CheckpointMismatchError, CheckpointReadError) as exc:
         print(f'eval: error: {exc}', file=sys.stderr)
         return 1
     return 0

@@ -20,7 +20,7 @@ aot-benchmark's evaluator does, so published checkpoints reproduce their numbers
       <DIR_EVALUATION>/<dataset>/<eval_name>.zip        (YouTube-VOS: Annotations/<seq>/...)
       <DIR_EVALUATION>/<dataset>/<eval_name>_sparse/... (YouTube-VOS val_all_frames)
 
-  with ``eval_name = <dataset>_<split>_<EXP_NAME>_<STAGE_NAME>_ckpt_<step|unknown|test>``
+  with ``eval_name = <dataset>_<split>_<EXP_NAME>_<STAGE_NAME>_ckpt_<step|test|stem_hash>``
   followed by ``_ema``, ``_flip`` and ``_ms_<scales>`` as they apply.
 
 Differences from upstream (all deliberate):
@@ -45,6 +45,12 @@ Differences from upstream (all deliberate):
 * DAVIS runs whose ground truth covers every frame (val) are scored here with the official J&F
   protocol (``tools/davis_eval.py``): the toolkit's CSVs go into the results folder and a
   full-precision ``jf_scores-<set>.json`` next to it.
+* **No silent reuse of a result folder.** An explicit ``--ckpt_path`` is named after the file
+  (its stem and the first 8 hex digits of its SHA-256: ``..._ckpt_A_1f0c2e9a``) where upstream
+  wrote ``ckpt_unknown`` for every file, so two checkpoints never share a folder. Each folder
+  records the settings it was made with (``<eval dir>/settings.json``, the checkpoint by content
+  hash); a run with other settings is refused unless ``overwrite`` (``--overwrite``), which
+  recomputes every sequence.
 * Per-sequence and overall FPS and peak memory go to ``<eval dir>/timing.json``. On the CPU,
   time is wall time and memory the process's peak RSS (it cannot be reset per sequence).
 * ``--ckpt_path test`` builds the random-weight model under a fixed seed, so that several
@@ -74,11 +80,12 @@ from networks.engines import build_engine
 from utils.checkpoint import checkpoint_path, latest_checkpoint
 from utils.image import save_mask
 from utils.device import resolve_device
-from utils.io import atomic_write, atomic_write_json
+from utils.io import atomic_write, atomic_write_json, file_sha256
 
 DATASETS = ('davis2017', 'davis2016', 'youtubevos2018', 'youtubevos2019', 'custom')
 SPLITS = ('val', 'val_all_frames', 'test')
 PROGRESS_DIR = 'progress'
+SETTINGS_FILE = 'settings.json'
 TIMING_FILE = 'timing.json'
 TEST_CKPT_SEED = 0
 _MAX_PENDING_WRITES = 64
@@ -105,11 +112,19 @@ def eval_name(cfg, ckpt):
     return name
 
 
+def checkpoint_tag(path):
+    """``<stem>_<sha256[:8]>`` of a checkpoint file, safe as part of a folder name."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = ''.join(c if c.isalnum() or c in '-.' else '_' for c in stem) or 'ckpt'
+    return f'{stem}_{file_sha256(path)[:8]}'
+
+
 def resolve_checkpoint(cfg):
     """``(path or None, tag)`` of the checkpoint to evaluate, as upstream picks it.
 
     ``TEST_CKPT_PATH == 'test'``: no checkpoint (random weights), tag ``'test'``. An explicit
-    path: tag ``'unknown'``. Otherwise ``save_step_<TEST_CKPT_STEP>.pth`` (or the latest one)
+    path: tag ``<file stem>_<first 8 hex digits of its SHA-256>`` (upstream: ``'unknown'``, so
+    every file shared one folder). Otherwise ``save_step_<TEST_CKPT_STEP>.pth`` (or the latest one)
     in ``DIR_CKPT``, or ``DIR_EMA_CKPT`` with ``TEST_EMA``; the tag is the step.
     """
     path = cfg.TEST_CKPT_PATH
@@ -118,7 +133,7 @@ def resolve_checkpoint(cfg):
     if path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f'checkpoint not found: {path}')
-        return path, 'unknown'
+        return path, checkpoint_tag(path)
     folder = cfg.DIR_EMA_CKPT if getattr(cfg, 'TEST_EMA', False) else cfg.DIR_CKPT
     if cfg.TEST_CKPT_STEP is not None:
         step = int(cfg.TEST_CKPT_STEP)
@@ -340,6 +355,62 @@ class Evaluator:
                 'flip': bool(cfg.TEST_FLIP), 'multiscale': [float(s) for s in cfg.TEST_MULTISCALE],
                 'max_short_edge': cfg.TEST_MAX_SHORT_EDGE, 'max_long_edge': cfg.TEST_MAX_LONG_EDGE,
                 'use_prev_prob': bool(cfg.MODEL_USE_PREV_PROB), 'amp': self.amp}
+
+    def folder_settings(self):
+        """What the whole result folder was made with (``settings.json``): the sequence
+        settings with the checkpoint identified by content, not by path or time."""
+        ckpt = {'tag': self.ckpt}
+        if self.ckpt_path is not None:
+            if getattr(self, '_ckpt_sha', None) is None:
+                self._ckpt_sha = file_sha256(self.ckpt_path)
+            ckpt['sha256'] = self._ckpt_sha
+        return json.loads(json.dumps(dict(
+            self.settings(), checkpoint=ckpt, dataset=self.cfg.TEST_DATASET,
+            split=self.cfg.TEST_DATASET_SPLIT, eval_name=self.eval_name)))
+
+    def claim_result_folder(self, overwrite=False):
+        """Make sure the result folder holds nothing made with other settings, then record
+        this run's settings in it.
+
+        An existing folder from other settings (another checkpoint content, flip, scales,
+        memory settings...) raises ``ValueError`` unless ``overwrite``; with ``overwrite`` every
+        sequence is recomputed (their completion markers are dropped) and the settings
+        replaced. The same settings resume as before.
+        """
+        path = os.path.join(self.eval_dir, SETTINGS_FILE)
+        mine = self.folder_settings()
+        old = None
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = {'unreadable': path}
+        elif os.path.isdir(self.progress_dir):
+            # A folder from before settings.json existed: judge it by its sequence markers.
+            current = json.loads(json.dumps(self.settings()))
+            for name in sorted(os.listdir(self.progress_dir)):
+                try:
+                    with open(os.path.join(self.progress_dir, name)) as f:
+                        marker = json.load(f).get('settings')
+                except (OSError, ValueError):
+                    continue
+                if marker != current:
+                    old = {k: v for k, v in marker.items()} if isinstance(marker, dict) else {}
+                    mine = current
+                    break
+        if old is not None and old != mine:
+            if not overwrite:
+                keys = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+                raise ValueError(
+                    f'{self.eval_dir} holds results made with other settings (differing: '
+                    f'{", ".join(keys)}); pass --overwrite to replace them, or another '
+                    f'--result_path / --exp_name')
+        if overwrite and os.path.isdir(self.progress_dir):
+            for name in os.listdir(self.progress_dir):
+                if name.endswith('.json'):
+                    os.remove(os.path.join(self.progress_dir, name))
+        atomic_write_json(path, self.folder_settings())
 
     # -- resume -----------------------------------------------------------------------------
     def _marker_path(self, seq_name):
@@ -683,8 +754,11 @@ def _eval_worker(rank, cfg, device, amp, workers, seq_queue, threads):
     evaluator.evaluating()
 
 
-def run_evaluation(cfg, device=None, amp=False, workers=None, verbose=True):
+def run_evaluation(cfg, device=None, amp=False, workers=None, verbose=True, overwrite=False):
     """Evaluate with ``cfg.TEST_GPU_NUM`` processes and finalise; returns the run summary.
+
+    A result folder made with other settings is refused unless ``overwrite``
+    (:meth:`Evaluator.claim_result_folder`).
 
     Several processes pull sequence indices from one queue (one GPU each on CUDA; on the CPU
     the threads are split between them). The zip and scores are made after all have exited.
@@ -692,6 +766,7 @@ def run_evaluation(cfg, device=None, amp=False, workers=None, verbose=True):
     gpu_num = max(1, int(cfg.TEST_GPU_NUM))
     evaluator = Evaluator(cfg, rank=0, device=device, amp=amp, workers=workers,
                           verbose=verbose)
+    evaluator.claim_result_folder(overwrite)
     if gpu_num == 1:
         return evaluator.evaluating()
     import torch.multiprocessing as mp
