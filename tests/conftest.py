@@ -9,12 +9,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get('AOT_SHARED_DIR', REPO.parent / 'shared'))
 
 
+REQUIRE_SHARED_ENV = 'AOT_REQUIRE_SHARED'
+
+
 def shared_path(*parts):
-    """Path inside ../shared; skips the calling test with a reason when it is absent."""
+    """Path inside ../shared; skips the calling test with a reason when it is absent, or fails
+    it when ``AOT_REQUIRE_SHARED=1`` (CI: a missing fixture must not hide a broken test)."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f'needs {path} (the shared reference folder next to the checkout; '
-                    f'set AOT_SHARED_DIR to point elsewhere)')
+        reason = (f'needs {path} (the shared reference folder next to the checkout; '
+                  f'set AOT_SHARED_DIR to point elsewhere)')
+        if os.environ.get(REQUIRE_SHARED_ENV, '') not in ('', '0'):
+            pytest.fail(f'{reason}, and {REQUIRE_SHARED_ENV} is set, so this is an error',
+                        pytrace=False)
+        pytest.skip(reason)
     return path
 
 
