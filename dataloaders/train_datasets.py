@@ -791,6 +791,67 @@ class TrainDataset(ConcatDataset):
 TRAIN_DATASETS = ('static', 'davis2017', 'davis2016', 'youtubevos')
 
 
+def _training_files(dataset):
+    """``[(image path or None, mask path or None)]`` a training set will read (every pair a
+    clip can draw; a label-free video's first mask only)."""
+    if isinstance(dataset, ConcatDataset):
+        return [pair for part in dataset.datasets for pair in _training_files(part)]
+    if isinstance(dataset, StaticTrain):
+        return list(dataset.pairs)
+    if isinstance(dataset, VOSTrain):
+        pairs = []
+        for seq in dataset.seqs:
+            images, labels = dataset.imglistdic[seq]
+            for i, name in enumerate(images):
+                label = None
+                if i < len(labels) and (i == 0 or not dataset.label_free):
+                    label = dataset._paths(seq, images, labels, i)[1]
+                pairs.append((os.path.join(dataset.image_root, seq, name), label))
+        return pairs
+    return []
+
+
+def validate_train_files(dataset, progress=True):
+    """Check every file a training set will read, before training starts.
+
+    Images: header only (exists, is an image, its size); masks: fully decoded (a truncated
+    PNG fails only when its pixels are read) and of their image's size. Raises ``ValueError``
+    naming the first bad file; datasets of other types (given by the caller) are not checked.
+    Returns the number of files checked.
+    """
+    from tqdm import tqdm
+    pairs = _training_files(dataset)
+    checked = 0
+    for image_path, mask_path in tqdm(pairs, desc='checking the training data', unit='file',
+                                      disable=not progress, dynamic_ncols=True):
+        size = None
+        if image_path is not None:
+            try:
+                with Image.open(image_path) as img:
+                    size = img.size
+            except FileNotFoundError:
+                raise ValueError(f'{image_path}: image file not found') from None
+            except Exception as err:
+                raise ValueError(f'{image_path}: cannot read image ({type(err).__name__}: '
+                                 f'{err})') from None
+            checked += 1
+        if mask_path is not None:
+            try:
+                with Image.open(mask_path) as img:
+                    img.load()
+                    mask_size = img.size
+            except FileNotFoundError:
+                raise ValueError(f'{mask_path}: mask file not found') from None
+            except Exception as err:
+                raise ValueError(f'{mask_path}: cannot read mask, truncated or corrupt '
+                                 f'({type(err).__name__}: {err})') from None
+            if size is not None and mask_size != size:
+                raise ValueError(f'{mask_path}: mask is {mask_size[0]}x{mask_size[1]} (WxH) but '
+                                 f'its image {image_path} is {size[0]}x{size[1]}')
+            checked += 1
+    return checked
+
+
 def build_train_dataset(cfg, seed=0, transform=None):
     """The training set named by ``cfg.DATASETS``, concatenated in that order.
 

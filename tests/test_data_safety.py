@@ -423,3 +423,40 @@ def test_require_shared_turns_the_skip_into_a_failure(tmp_path, monkeypatch):
     ci = (conftest.REPO / '.ci' / 'run').read_text()
     assert 'export AOT_REQUIRE_SHARED=1' in ci
     assert ci.index('AOT_REQUIRE_SHARED=1') < ci.index('pytest')
+
+
+# -- 9: the training set is checked up front, before any result folder exists -------------------
+
+def _davis_train(root, n_frames=3):
+    davis = root / 'DAVIS'
+    (davis / 'ImageSets' / '2017').mkdir(parents=True)
+    (davis / 'ImageSets' / '2017' / 'train.txt').write_text('clip\n')
+    write_frames(davis / 'JPEGImages' / '480p' / 'clip', frames_of(n_frames))
+    (davis / 'Annotations' / '480p' / 'clip').mkdir(parents=True)
+    for i in range(n_frames):
+        save_palette(truth_ids(), davis / 'Annotations' / '480p' / 'clip' / f'{i:05d}.png')
+    return davis
+
+
+def test_training_data_is_validated_before_any_folder_is_made(tmp_path, monkeypatch, capsys):
+    from tools.train import main
+    davis = _davis_train(tmp_path / 'vos')
+    mask = davis / 'Annotations' / '480p' / 'clip' / '00002.png'
+    mask.write_bytes(mask.read_bytes()[:60])          # truncated: the header still reads
+    monkeypatch.setenv('AOT_RESULT_ROOT', str(tmp_path / 'runs'))
+    argv = ['--stage', 'pre_ytb_dav', '--model', 'deaott', '--device', 'cpu', '--datasets',
+            'davis2017', '--batch_size', '1', '--total_step', '1', '--no_pretrain',
+            '--no_progress', '--workers', '0']
+    with pytest.raises(SystemExit) as info:
+        main(argv + ['--data_path', str(tmp_path / 'vos')])
+    assert '00002.png' in str(info.value) and 'truncated' in str(info.value)
+    assert not (tmp_path / 'runs').exists(), 'a result folder was made for a bad dataset'
+
+    with pytest.raises(SystemExit) as info:
+        main(argv + ['--data_path', str(tmp_path / 'nowhere')])
+    assert str(tmp_path / 'nowhere') in str(info.value)
+    assert not (tmp_path / 'runs').exists()
+
+    from dataloaders.train_datasets import DAVIS2017_Train, validate_train_files
+    save_palette(truth_ids(), mask)
+    assert validate_train_files(DAVIS2017_Train(root=str(davis)), progress=False) == 6

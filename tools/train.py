@@ -218,6 +218,14 @@ def main_worker(local_rank, cfg, opts, rank=None, local_world=1):
 
 
 def main(argv=None):
+    from networks.managers.trainer import TrainDataError
+    try:
+        _main(argv)
+    except TrainDataError as err:  # a bad dataset: one line, no traceback, no folders made
+        raise SystemExit(f'train: error: {err}') from None
+
+
+def _main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = build_cfg(args)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')

@@ -107,6 +107,10 @@ AMP_DTYPES = {'fp16': torch.float16, 'float16': torch.float16, 'bf16': torch.bfl
               'bfloat16': torch.bfloat16}
 
 
+class TrainDataError(ValueError):
+    """The training set is missing, empty or has an unreadable file (named in the message)."""
+
+
 def derive_seed(*parts):
     """A 63-bit seed from integers/strings (stable across runs and platforms)."""
     words = [int(p) if not isinstance(p, str) else int.from_bytes(p.encode()[:8], 'little')
@@ -409,6 +413,9 @@ class Trainer:
 
         self.device = self._setup_device(device)
         self._setup_distributed()
+        # The data is found and checked before any result folder is made, so a wrong or
+        # damaged dataset fails at once and leaves nothing behind.
+        self.dataset = dataset if dataset is not None else self._build_dataset()
         if self.rank == 0:
             cfg.make_dirs()
             self._clean_stale_temporaries()
@@ -430,7 +437,6 @@ class Trainer:
             self.model.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.encoder)
         self.use_frozen_bn = 'swin' not in cfg.MODEL_ENCODER and cfg.MODEL_FREEZE_BN
 
-        self.dataset = dataset if dataset is not None else self._build_dataset()
         self.enable_prev_frame = bool(getattr(
             self.dataset, 'enable_prev_frame',
             cfg.TRAIN_ENABLE_PREV_FRAME and 'static' not in cfg.DATASETS))
@@ -511,8 +517,14 @@ class Trainer:
                                        static_graph=static_graph, **kwargs)
 
     def _build_dataset(self):
-        from dataloaders.train_datasets import build_train_dataset
-        return build_train_dataset(self.cfg, seed=self.seed)
+        from dataloaders.train_datasets import build_train_dataset, validate_train_files
+        try:
+            dataset = build_train_dataset(self.cfg, seed=self.seed)
+            if self.rank == 0:
+                validate_train_files(dataset, progress=self.progress)
+        except (FileNotFoundError, ValueError) as err:
+            raise TrainDataError(f'training data: {err}') from None
+        return dataset
 
     def _new_ema(self):
         cfg = self.cfg
