@@ -9,8 +9,11 @@ Run from the repository root::
 
 ``--mask`` is one mask file for the first frame, or a folder of masks named like the frames they
 belong to (``00000.png``, ``00042.png``...; for a video, the frame number), so objects can start
-on later frames. Masks may be palette PNGs, grayscale 0/255 or 0/1, RGB renderings in palette
-colours (anti-aliased edges are snapped); object ids are kept as they are in the output.
+on later frames. A mask named by a bare number goes to the frame whose name holds that number
+(``4.png`` -> ``00004.jpg``, not the 5th frame); the mapping is printed. Masks may be palette
+PNGs, grayscale 0/255 or 0/1, RGB renderings in palette colours (anti-aliased edges are snapped);
+object ids are kept as they are in the output, except palette index 255, which is void (DAVIS)
+and read as background, as evaluation reads it.
 
 Writes into ``--output``:
 
@@ -27,7 +30,12 @@ is printed. The default model is the shipped distilled student ``deaott_gda``. W
 then for the project's shipped weights (``networks/models/zoo.py``); with none there it runs on
 untrained (random) weights and says so: the masks are then meaningless. Long-term memory is capped
 (``--max_memory_frames``, default 8), so memory stays flat on long videos. Existing results are
-never replaced unless ``--overwrite`` is given.
+never replaced unless ``--overwrite`` is given, and then only once the new run has succeeded (it
+is written into a hidden staging folder in ``--output`` and moved into place at the end). An
+``--output`` that is or contains the input or the masks is refused. A video that decodes fewer
+frames than its container announces is an error (``--allow_short_video`` keeps what decodes and
+records the shortfall in ``summary.json``). Odd frame sizes are padded by one black row/column
+in the overlay (mp4 needs even sizes); the masks keep the frame size.
 """
 import argparse
 import os
