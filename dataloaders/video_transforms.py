@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.image import VOID_ID  # neither object nor background: ignored by the losses
+
 from . import image_transforms as IT
 
 IMAGE_KEYS = ('ref_img', 'prev_img', 'curr_img')
-VOID_ID = 255  # label of pixels that are neither object nor background
 LABEL_KEYS = ('ref_label', 'prev_label', 'curr_label')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
