@@ -36,7 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.managers.trainer import TrainStep, derive_seed
+from networks.engines import build_engine
+from networks.managers.train_step import (TrainStep, global_batch_shuffle,
+                                          register_step_builder)
 
 from .losses import DistillationLoss, valid_channels
 from .teacher import (ATTENTION_TENSORS, RANDOM_TEACHER, build_teacher, check_attention_layer,
@@ -214,7 +216,6 @@ class DistillationEngine(nn.Module):
 
     def __init__(self, student_model, teacher, cfg):
         super().__init__()
-        from networks.engines import build_engine
         self.settings = kd_settings(cfg)
         s = self.settings
         student_cfg = student_model.cfg
@@ -428,12 +429,8 @@ class Distiller(TrainStep):
 
     def shuffle_matrices(self, step, batch_size):
         """This process's ``(B, 1+N, 1+N)`` ID permutations, drawn for the global batch."""
-        from networks.engines.identity import generate_permute_matrix
-        g = torch.Generator()
-        g.manual_seed(derive_seed(self.seed, step, 'id-shuffle'))
-        full = generate_permute_matrix(self.model.max_obj_num + 1,
-                                       batch_size * self.world_size, generator=g)
-        return full[self.rank * batch_size:(self.rank + 1) * batch_size].to(self.device)
+        return global_batch_shuffle(self.seed, step, self.rank, self.world_size, batch_size,
+                                    self.model.max_obj_num, self.device)
 
     def step(self, batch, step=0):
         """One distillation step on a collated batch (see :func:`clip_from_batch`)."""
@@ -475,8 +472,10 @@ def build_distiller(cfg, student_model, device=None, rank=0, world_size=1, seed=
     return Distiller(student_model, teacher, cfg, rank=rank, world_size=world_size, seed=seed)
 
 
+@register_step_builder('kd')
 def build_step(trainer):
-    """The trainer's hook for ``TRAIN_KD`` configs (``networks.managers.trainer``)."""
+    """The step of ``TRAIN_KD`` configs (registered under ``'kd'``, see
+    ``networks/managers/train_step.py``)."""
     return build_distiller(trainer.cfg, trainer.model, device=trainer.device, rank=trainer.rank,
                            world_size=trainer.world_size, seed=trainer.seed)
 

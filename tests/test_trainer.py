@@ -589,7 +589,8 @@ def test_custom_step_plugs_in(tmp_path, monkeypatch):
 
 
 def test_step_hooks_config_module_and_kd_flag(tmp_path, monkeypatch):
-    """A config module's ``build_step`` wins; else ``TRAIN_KD`` asks ``kd.distiller``."""
+    """A config module's ``build_step`` wins; else ``TRAIN_KD`` takes the step registered
+    under ``'kd'``."""
     import types
 
     from networks.managers import trainer as trainer_module
@@ -607,12 +608,23 @@ def test_step_hooks_config_module_and_kd_flag(tmp_path, monkeypatch):
     trainer = make_trainer(cfg, TinyClips(n=2))
     assert made == [trainer]
 
+    from networks.managers import train_step
     cfg2 = tiny_cfg(tmp_path / 'kd', TRAIN_KD=True)
-    distiller = types.ModuleType('kd.distiller')
-    distiller.build_step = factory
-    monkeypatch.setitem(sys.modules, 'kd.distiller', distiller)
+    monkeypatch.setitem(train_step._STEP_BUILDERS, 'kd', factory)
     trainer2 = make_trainer(cfg2, TinyClips(n=2))
     assert made[-1] is trainer2
+
+    # Without a registered 'kd' step (kd never imported) a TRAIN_KD config is an error that
+    # says what to import, not a silent supervised run.
+    monkeypatch.delitem(train_step._STEP_BUILDERS, 'kd')
+    with pytest.raises(RuntimeError, match='import kd'):
+        make_trainer(tiny_cfg(tmp_path / 'kd2', TRAIN_KD=True), TinyClips(n=2))
+
+
+def test_importing_kd_registers_its_step():
+    import kd.distiller
+    from networks.managers.train_step import step_builder
+    assert step_builder('kd') is kd.distiller.build_step
 
 
 def test_cli_flags_map_to_the_config(tmp_path):

@@ -31,11 +31,11 @@ weights), ``--no_progress`` and ``--set KEY=VALUE ...`` (any existing config fie
 Distillation hook: ``--stage kd_stage1`` selects ``configs/kd_stage1.py``; so does ``--exp_name
 kd_stage1`` (or ``kd_stage2``) when ``--stage`` is not given and that config exists. Such a config
 either defines ``build_step(trainer)`` in its module or sets ``TRAIN_KD = True`` (then
-``kd.distiller.build_step`` provides the step); see ``networks/managers/trainer.py``. Without
-``--model``, a stage module's ``DEFAULT_MODEL`` (e.g. the KD student) is used, else ``aott``.
-When ``kd.distiller`` defines them, its flags (``--student``, ``--teacher``, ``--kd_*``) are
-added here (``add_kd_arguments``) and copied onto the config (``apply_kd_arguments``) before
-``--set`` is applied.
+``kd.distiller.build_step``, registered when ``kd`` is imported, provides the step); see
+``networks/managers/train_step.py``. Without ``--model``, a stage module's ``DEFAULT_MODEL``
+(e.g. the KD student) is used, else ``aott``. The distillation flags (``--student``,
+``--teacher``, ``--kd_*``) are added here (``add_kd_arguments``) and copied onto the config
+(``apply_kd_arguments``) before ``--set`` is applied.
 """
 import argparse
 import ast
@@ -49,6 +49,9 @@ if __package__ in (None, ''):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+# Importing kd also registers its training step for TRAIN_KD configs (also in spawned processes).
+from kd.distiller import add_kd_arguments, apply_kd_arguments  # noqa: E402
 
 KD_STAGES = ('kd_stage1', 'kd_stage2')
 TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
@@ -93,19 +96,8 @@ def build_parser():
     p.add_argument('--no_progress', action='store_true', help='no progress bar')
     p.add_argument('--set', nargs='+', default=[], metavar='KEY=VALUE',
                    help='override config fields (Python literals; e.g. DATA_RANDOMCROP=161,161)')
-    kd = _kd_module()
-    if kd is not None:
-        kd.add_kd_arguments(p)  # --student, --teacher, --teacher_ckpt, --kd_*
+    add_kd_arguments(p)  # --student, --teacher, --teacher_ckpt, --kd_*
     return p
-
-
-def _kd_module():
-    """``kd.distiller`` when present (it defines the distillation flags), else None."""
-    try:
-        from kd import distiller
-    except ImportError:
-        return None
-    return distiller if hasattr(distiller, 'add_kd_arguments') else None
 
 
 def resolve_stage(args):
@@ -181,9 +173,7 @@ def build_cfg(args):
         cfg.DATA_WORKERS = args.workers
     if args.no_pretrain:
         cfg.PRETRAIN = False
-    kd = _kd_module()
-    if kd is not None:
-        kd.apply_kd_arguments(cfg, args)
+    apply_kd_arguments(cfg, args)
     apply_overrides(cfg, args.set)
     return cfg
 

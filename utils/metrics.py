@@ -39,6 +39,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from utils.io import atomic_write_json, atomic_write_text
+
 VOID_LABEL = 255
 BOUND_TH = 0.008
 MAX_PROPOSALS = 20
@@ -575,3 +577,77 @@ def evaluate_dataset(davis_path, results_path, task='semi-supervised', set_name=
         means['FM'], means['FR'], means['FD'])))
     return {'task': task, 'set': set_name, 'year': year, 'sequences': list(sequences),
             'global': global_res, 'per_object': per_object}
+
+
+# ------------------------------------------------------------------------------------------
+# a whole results folder, with the toolkit's CSVs (tools/davis_eval.py is the command line)
+
+
+def csv_paths(results_path, set_name):
+    return (os.path.join(results_path, f'global_results-{set_name}.csv'),
+            os.path.join(results_path, f'per-sequence_results-{set_name}.csv'))
+
+
+def write_csvs(scores, results_path, set_name):
+    """The toolkit's two CSVs (values in [0, 1], ``%.3f``, one per-sequence row per object)."""
+    global_csv, seq_csv = csv_paths(results_path, set_name)
+    g = scores['global']
+    atomic_write_text(global_csv, ','.join(GLOBAL_COLUMNS) + '\n'
+                      + ','.join(f'{g[c]:.3f}' for c in GLOBAL_COLUMNS) + '\n')
+    rows = ['Sequence,J-Mean,F-Mean']
+    rows += [f'{name},{obj["J-Mean"]:.3f},{obj["F-Mean"]:.3f}'
+             for name, obj in scores['per_object'].items()]
+    atomic_write_text(seq_csv, '\n'.join(rows) + '\n')
+    return global_csv, seq_csv
+
+
+def _table(header, rows):
+    """Right-aligned text table, like ``pandas.DataFrame.to_string(index=False)``."""
+    cells = [list(header)] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return '\n'.join(' '.join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
+
+
+def format_tables(scores):
+    set_name = scores['set']
+    g = scores['global']
+    out = [f'--------------------------- Global results for {set_name} ---------------------------',
+           _table(GLOBAL_COLUMNS, [[f'{g[c]:.6f}' for c in GLOBAL_COLUMNS]]),
+           '', f'---------- Per sequence results for {set_name} ----------',
+           _table(('Sequence', 'J-Mean', 'F-Mean'),
+                  [[n, f'{o["J-Mean"]:.6f}', f'{o["F-Mean"]:.6f}']
+                   for n, o in scores['per_object'].items()])]
+    return '\n'.join(out)
+
+
+def evaluate_davis(davis_path, results_path, task='semi-supervised', set='val', year=2017,
+                   workers=None, json_path=None, write_csv=True, verbose=False):
+    """Score ``results_path`` against the DAVIS ground truth in ``davis_path``.
+
+    Args:
+        davis_path: DAVIS root (``ImageSets``, ``Annotations/480p`` ...).
+        results_path: folder of ``<seq>/<frame>.png`` label maps.
+        task: 'semi-supervised' or 'unsupervised'.
+        set: image set name ('val', 'train', ...).
+        year: 2017, or 2016 for binary single-object masks.
+        workers: processes (default: all cores; 1 = in-process; same numbers either way).
+        json_path: if given, write the full-precision scores there.
+        write_csv: write the toolkit's CSVs into ``results_path``.
+        verbose: print the tables.
+
+    Returns:
+        dict with 'global' (``J&F-Mean``, ``J-Mean``, ``J-Recall``, ``J-Decay``, ``F-Mean``,
+        ``F-Recall``, ``F-Decay``; values in [0, 1]) and 'per_object' keyed ``<seq>_<k>``.
+    """
+    set_name = set
+    scores = evaluate_dataset(davis_path, results_path, task=task, set_name=set_name, year=year,
+                              workers=workers)
+    scores['davis_path'] = os.path.abspath(davis_path)
+    scores['results_path'] = os.path.abspath(results_path)
+    if write_csv:
+        write_csvs(scores, results_path, set_name)
+    if json_path:
+        atomic_write_json(json_path, scores)
+    if verbose:
+        print(format_tables(scores))
+    return scores

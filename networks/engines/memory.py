@@ -13,38 +13,10 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-from torch import Tensor
 
+from networks.layers.memory_entry import MemoryEntry
 
-@dataclass
-class MemoryEntry:
-    """One frame of one layer.
-
-    ``key``: ``(L, B, Ck)``; ``value``: ``(L, B, Cv)`` (AOT: visual value with the ID
-    embedding fused in; DeAOT: visual value); ``id_value``: DeAOT's ID value
-    ``(L, B, Cv)``, ``None`` for AOT. The same fields hold 2D maps for short-term memory.
-    """
-    key: Tensor
-    value: Tensor
-    id_value: Optional[Tensor] = None
-
-    def map(self, fn):
-        return MemoryEntry(*(None if t is None else fn(t)
-                             for t in (self.key, self.value, self.id_value)))
-
-    @staticmethod
-    def cat(entries, dim=0):
-        """Concatenate entries field by field (fields that are ``None`` stay ``None``)."""
-        first = entries[0]
-        out = []
-        for name in ('key', 'value', 'id_value'):
-            if getattr(first, name) is None:
-                out.append(None)
-            elif len(entries) == 1:
-                out.append(getattr(first, name))
-            else:
-                out.append(torch.cat([getattr(e, name) for e in entries], dim=dim))
-        return MemoryEntry(*out)
+__all__ = ['MemoryEntry', 'VOSMemory']  # MemoryEntry lives with the layers that build it
 
 
 @dataclass

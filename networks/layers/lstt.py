@@ -20,10 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.engines.memory import MemoryEntry
-
 from .basic import DropPath, GNActDWConv2d, layer_drop_path_rate, map_to_seq, seq_to_2d
 from .local_window import local_window_aggregate, local_window_logits, window_valid_mask
+from .memory_entry import MemoryEntry
 
 
 def _out_of_image_penalty(dtype):

@@ -18,10 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.engines.memory import MemoryEntry
-
 from .attention import GatedPropagation, LocalGatedPropagation
 from .basic import DropPath, GroupNorm1D, layer_drop_path_rate, seq_to_2d
+from .memory_entry import MemoryEntry
 
 
 def build_long_term_attention(kind, d_qk, d_vu, num_head, dropout, d_att, gda=None):

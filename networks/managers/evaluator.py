@@ -43,7 +43,7 @@ Differences from upstream (all deliberate):
   is then renamed. Upstream zipped every dataset; we zip YouTube-VOS (the server's format) and
   DAVIS test-dev (sequence folders at the zip root, as its CodaLab server requires).
 * DAVIS runs whose ground truth covers every frame (val) are scored here with the official J&F
-  protocol (``tools/davis_eval.py``): the toolkit's CSVs go into the results folder and a
+  protocol (:func:`utils.metrics.evaluate_davis`): the toolkit's CSVs go into the results folder and a
   full-precision ``jf_scores-<set>.json`` next to it.
 * **No silent reuse of a result folder.** An explicit ``--ckpt_path`` is named after the file
   (its stem and the first 8 hex digits of its SHA-256: ``..._ckpt_A_1f0c2e9a``) where upstream
@@ -81,6 +81,7 @@ from utils.checkpoint import checkpoint_path, latest_checkpoint
 from utils.image import save_mask
 from utils.device import resolve_device
 from utils.io import atomic_write, atomic_write_json, file_sha256
+from utils.metrics import evaluate_davis
 
 DATASETS = ('davis2017', 'davis2016', 'youtubevos2018', 'youtubevos2019', 'custom')
 SPLITS = ('val', 'val_all_frames', 'test')
@@ -146,10 +147,6 @@ def resolve_checkpoint(cfg):
         raise FileNotFoundError(f'no checkpoint save_step_<N>.pth in {folder}; pass --ckpt_path '
                                 f'<file>, --ckpt_step N, or --ckpt_path test for random weights')
     return path, str(step)
-
-
-def write_json(path, data):
-    atomic_write_json(path, data)
 
 
 def write_zip(zip_path, members):
@@ -568,7 +565,7 @@ class Evaluator:
             'device': str(self.device), 'rank': self.rank, 'finished_at': time.time(),
             'files': files, 'settings': self.settings(),
         }
-        write_json(self._marker_path(seq_name), record)
+        atomic_write_json(self._marker_path(seq_name), record)
         if self.verbose:
             fps = f'{record["fps"]:.2f}' if record['fps'] else 'n/a'
             tqdm.write(f'[{self.rank}] {seq_name}: {n_timed} frames, {obj_num} objects, '
@@ -654,7 +651,7 @@ class Evaluator:
             raise RuntimeError(f'{self.eval_dir}: {len(missing)} sequence(s) unfinished '
                                f'({", ".join(missing[:5])}{more}); run again to resume')
         timing = self._timing(records, computed, seconds)
-        write_json(os.path.join(self.eval_dir, TIMING_FILE), timing)
+        atomic_write_json(os.path.join(self.eval_dir, TIMING_FILE), timing)
         summary = {'eval_dir': self.eval_dir, 'result_root': self.result_root,
                    'timing': timing, 'zip': None, 'zip_sparse': None, 'scores': None}
         if self.zip_path:
@@ -729,7 +726,6 @@ class Evaluator:
         return True
 
     def _score_davis(self):
-        from tools.davis_eval import evaluate_davis
         year = int(self.cfg.TEST_DATASET[-4:])
         set_name = self.cfg.TEST_DATASET_SPLIT
         json_path = os.path.join(self.eval_dir, f'jf_scores-{set_name}.json')

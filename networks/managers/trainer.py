@@ -53,42 +53,26 @@ ID shuffle of every sample of the global batch from ``(seed, step)``. So a run r
 N continues exactly as the uninterrupted run, and N processes on B/N samples each compute the
 same update as one process on all B (with drop-path off; its masks are drawn per process).
 
-Extension point -- the training step
-------------------------------------
-The per-step computation is a replaceable strategy object, ``trainer.step_fn``, an instance of
-:class:`TrainStep`. The trainer owns everything around it (optimiser, LR, AMP, clipping, EMA,
-DDP process group, checkpoints, data, logging); the step owns how a batch becomes a loss::
-
-    class MyStep(TrainStep):
-        def __init__(self, trainer): ...                     # build engines, a teacher, ...
-        def named_trainable_parameters(self): ...            # what the optimiser updates
-        def wrap_distributed(self, wrap): ...                # DDP-wrap what needs it
-        def __call__(self, batch, step): return loss, logs   # loss: 0-d tensor, logs: 0-d tensors
-
-Which step is used (:func:`build_train_step`): the ``step_fn`` argument of :class:`Trainer`;
-else a ``build_step(trainer)`` function in the config's module (``configs/<stage>.py``); else,
-when ``cfg.TRAIN_KD`` is true, ``kd.distiller.build_step(trainer)``; else
-:class:`SupervisedStep` (upstream's supervised training). A distillation step builds its
-teacher inside ``build_step``: frozen (``eval()``, ``requires_grad_(False)``), never passed to
-``wrap_distributed`` (so not DDP-wrapped) and not part of ``named_trainable_parameters`` or
-``state_dict`` (so neither optimised nor checkpointed). Only ``trainer.model`` (the student)
-is checkpointed and averaged by the EMA; extra trainable modules of a step (e.g. projection
-heads) go into its ``named_trainable_parameters`` and ``state_dict``.
+The training step
+-----------------
+The per-step computation is a replaceable strategy, ``trainer.step_fn``, a
+:class:`~networks.managers.train_step.TrainStep` (``networks/managers/train_step.py``: the
+interface, upstream's supervised step and how a config picks its step). The trainer owns
+everything around it (optimiser, LR, AMP, clipping, EMA, DDP process group, checkpoints, data,
+logging); the step owns how a batch becomes a loss.
 """
 import datetime
 import logging
 import os
-import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler
 
-from networks.engines import build_engine
-from networks.engines.identity import generate_permute_matrix
+from dataloaders.train_datasets import build_train_dataset, validate_train_files, worker_init_fn
+from networks.encoders.pretrained import load_imagenet_weights
 from networks.models import GDA_NEW_KEY_PREFIXES, build_vos_model
 from utils.checkpoint import (CheckpointReadError, atomic_torch_save, checkpoint_path,
                               extract_state_dict, list_checkpoints, load_checkpoint_file,
@@ -97,6 +81,11 @@ from utils.device import resolve_device
 from utils.ema import ModelEma, ema_decay
 from utils.learning import adjust_learning_rate, get_trainable_params, load_optimizer_state
 from utils.meters import MetricAccumulator
+from utils.seed import derive_seed
+
+# The step strategies live in train_step.py; their names stay importable from here.
+from .train_step import (SupervisedStep, TrainStep, build_train_step, evaluate_step,  # noqa: F401
+                         mean_object_iou, sequential_start_step)
 
 logger = logging.getLogger(__name__)
 
@@ -109,19 +98,6 @@ AMP_DTYPES = {'fp16': torch.float16, 'float16': torch.float16, 'bf16': torch.bfl
 
 class TrainDataError(ValueError):
     """The training set is missing, empty or has an unreadable file (named in the message)."""
-
-
-def derive_seed(*parts):
-    """A 63-bit seed from integers/strings (stable across runs and platforms)."""
-    words = [int(p) if not isinstance(p, str) else int.from_bytes(p.encode()[:8], 'little')
-             for p in parts]
-    state = np.random.SeedSequence([w % 2 ** 64 for w in words]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def sequential_start_step(cfg):
-    """First step of the sequential phase (upstream: ``int(ratio * total)``)."""
-    return int(cfg.TRAIN_SEQ_TRAINING_START_RATIO * cfg.TRAIN_TOTAL_STEPS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -176,200 +152,6 @@ class GlobalBatchSampler(Sampler):
 
     def __len__(self):
         return self.batches_per_epoch - self.start_batch
-
-
-# ------------------------------------------------------------------------------------------
-# training steps
-
-
-class TrainStep:
-    """Base of the per-step strategies (see the module docstring).
-
-    Subclasses set ``self.cfg`` and ``self.model`` (the trained, checkpointed model) and
-    implement ``__call__(batch, step) -> (loss, logs)``.
-    """
-
-    cfg = None
-    model = None
-
-    def named_trainable_parameters(self):
-        """``(name, parameter)`` pairs the optimiser updates; names key the param groups and
-        the optimiser state in checkpoints, so keep them free of wrapper prefixes."""
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
-    def wrap_distributed(self, wrap):
-        """Called once when training runs in several processes. ``wrap(module,
-        find_unused_parameters=False, static_graph=False)`` returns a DDP wrapper of ``module``;
-        the step keeps it and runs its forward passes through it."""
-        raise NotImplementedError(f'{type(self).__name__} does not support distributed training')
-
-    def frozen_param_keys(self, step):
-        """Name substrings whose groups get lr 0 and no weight decay at ``step``."""
-        if step >= sequential_start_step(self.cfg):
-            return list(self.cfg.TRAIN_SEQ_TRAINING_FREEZE_PARAMS)
-        return []
-
-    def train(self):
-        self.model.train()
-
-    def state_dict(self):
-        """Extra state to checkpoint (under ``step_state``); the model is saved anyway."""
-        return {}
-
-    def load_state_dict(self, state):
-        if state:
-            raise ValueError(f'{type(self).__name__} has no state to load, got {sorted(state)}')
-
-    def __call__(self, batch, step):
-        raise NotImplementedError
-
-
-def mean_object_iou(pred, gt, obj_nums, max_obj_num):
-    """Mean over samples of the mean foreground IoU of objects ``1..obj_num`` (an object
-    absent from both prediction and ground truth counts 1). ``pred``/``gt``: ``(B, H, W)``."""
-    ids = torch.arange(1, max_obj_num + 1, device=pred.device).view(1, -1, 1, 1)
-    p, g = pred.unsqueeze(1) == ids, gt.unsqueeze(1) == ids
-    inter = (p & g).sum((2, 3)).float()
-    union = (p | g).sum((2, 3)).float()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    valid = (ids.view(1, -1) <= obj_nums.view(-1, 1)).float()
-    return ((iou * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
-
-
-class SupervisedStep(TrainStep):
-    """Upstream's supervised step: the training engine runs a clip against its ground truth.
-
-    Args:
-        cfg, model, device: as the trainer's.
-        rank, world_size, seed: for the world-size-independent ID shuffle.
-        enable_prev_frame: clips carry a separate previous frame used as a second reference.
-        id_shuffle: shuffle object IDs per sample (upstream always does in training).
-    """
-
-    def __init__(self, cfg, model, device, rank=0, world_size=1, seed=0, enable_prev_frame=False,
-                 id_shuffle=True):
-        self.cfg, self.model, self.device = cfg, model, torch.device(device)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.enable_prev_frame = enable_prev_frame
-        self.id_shuffle = id_shuffle
-        self.engine = build_engine(cfg.MODEL_ENGINE, 'train', aot_model=model,
-                                   gpu_id=self.device.index or 0,
-                                   long_term_mem_gap=cfg.TRAIN_LONG_TERM_MEM_GAP)
-        self._wrap = None
-        self._ddp = None
-        self._ddp_phase = None
-
-    def train(self):
-        self.engine.train()
-
-    def wrap_distributed(self, wrap):
-        self._wrap = wrap
-
-    def _forward_module(self, step):
-        if self._wrap is None:
-            return self.engine
-        # Which parameters get no gradient is fixed within a phase (AOT's mask_token always;
-        # in the sequential phase the ID embeddings are detached, so the ID bank and its norm
-        # too). A static graph lets DDP find them once instead of searching every step
-        # (find_unused_parameters); the wrapper is rebuilt when the phase changes.
-        phase = self.use_prev_pred(step)
-        if self._ddp is None or self._ddp_phase != phase:
-            self._ddp = None  # drop the old reducer (and its autograd hooks) first
-            self._ddp = self._wrap(self.engine, static_graph=True)
-            self._ddp_phase = phase
-        return self._ddp
-
-    def use_prev_pred(self, step):
-        return step >= sequential_start_step(self.cfg)
-
-    def shuffle_matrices(self, step, batch_size):
-        """This process's ID permutations, drawn for the whole global batch from
-        ``(seed, step)`` so that they do not depend on how the batch is split."""
-        g = torch.Generator()
-        g.manual_seed(derive_seed(self.seed, step, 'id-shuffle'))
-        full = generate_permute_matrix(self.cfg.MODEL_MAX_OBJ_NUM + 1,
-                                       batch_size * self.world_size, generator=g)
-        return full[self.rank * batch_size:(self.rank + 1) * batch_size].to(self.device)
-
-    def prepare_batch(self, batch):
-        """Collated sample dict -> frame-major ``(T*B, 3, H, W)`` frames, ``(T*B, 1, H, W)``
-        labels and the per-sample object counts."""
-        dev = self.device
-        nb = dev.type == 'cuda'
-        frames = [batch['ref_img'], batch['prev_img']] + list(batch['curr_img'])
-        labels = [batch['ref_label'], batch['prev_label']] + list(batch['curr_label'])
-        obj_nums = [int(n) for n in batch['meta']['obj_num']]
-        too_many = [n for n in obj_nums if n > self.cfg.MODEL_MAX_OBJ_NUM]
-        if too_many:
-            names = batch['meta'].get('seq_name')
-            raise ValueError(f'training clip(s) {names} hold {max(too_many)} objects, more than '
-                             f'MODEL_MAX_OBJ_NUM={self.cfg.MODEL_MAX_OBJ_NUM}')
-        frames = torch.cat(frames, dim=0).to(dev, non_blocking=nb)
-        labels = torch.cat(labels, dim=0).to(dev, non_blocking=nb)
-        return frames, labels, obj_nums, batch['ref_img'].shape[0]
-
-    def __call__(self, batch, step):
-        frames, labels, obj_nums, bs = self.prepare_batch(batch)
-        self.engine.restart_engine(bs, enable_id_shuffle=False)
-        if self.id_shuffle:
-            self.engine.enable_id_shuffle = True
-            self.engine.id_shuffle_matrix = self.shuffle_matrices(step, bs)
-        loss, masks, frame_losses, _ = self._forward_module(step)(
-            frames, labels, bs, obj_nums=obj_nums, step=step, tf_board=False,
-            use_prev_pred=self.use_prev_pred(step), enable_prev_frame=self.enable_prev_frame,
-            use_prev_prob=self.cfg.MODEL_USE_PREV_PROB)
-        loss = loss.mean()
-        with torch.no_grad():
-            logs = {'loss': loss.detach().float()}
-            counts = torch.as_tensor(obj_nums, device=labels.device)
-            for i, (mask, frame_loss) in enumerate(zip(masks, frame_losses)):
-                gt = labels[i * bs:(i + 1) * bs, 0]
-                logs[f'frame{i}_loss'] = frame_loss.detach().float().mean()
-                logs[f'frame{i}_iou'] = 100 * mean_object_iou(
-                    mask, gt, counts, self.cfg.MODEL_MAX_OBJ_NUM)
-            logs['obj_num'] = counts.float().mean()
-        return loss, logs
-
-
-@torch.no_grad()
-def evaluate_step(step_fn, batches, step=0):
-    """Mean logs of ``step_fn`` over fixed ``batches`` without gradients, in eval mode (no
-    dropout or drop-path) and at one fixed schedule ``step``.
-
-    Use this to tell whether training works: the *training* loss is not comparable across
-    steps, because its auxiliary-frame weight decays to 0 over ``TRAIN_AUX_LOSS_RATIO * TOTAL``
-    steps and its cross-entropy keeps only the hardest pixels (100% down to 15%) over
-    ``TRAIN_HARD_MINING_RATIO * TOTAL`` steps, as upstream.
-    """
-    modules = [m for m in vars(step_fn).values() if isinstance(m, nn.Module)]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        meter = MetricAccumulator()
-        for batch in batches:
-            _, logs = step_fn(batch, step)
-            meter.add(logs)
-        return meter.averages(reduce=False)
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-
-
-def build_train_step(trainer):
-    """The step for ``trainer`` (see "Extension point" in the module docstring)."""
-    cfg = trainer.cfg
-    factory = getattr(sys.modules.get(type(cfg).__module__), 'build_step', None)
-    if factory is None and getattr(cfg, 'TRAIN_KD', False):
-        try:
-            from kd.distiller import build_step as factory
-        except ImportError as err:
-            raise ImportError(f'cfg.TRAIN_KD is set ({type(cfg).__module__}) but '
-                              f'kd.distiller.build_step cannot be imported: {err}') from err
-    if factory is not None:
-        return factory(trainer)
-    return SupervisedStep(cfg, trainer.model, trainer.device, trainer.rank, trainer.world_size,
-                          trainer.seed, trainer.enable_prev_frame)
 
 
 # ------------------------------------------------------------------------------------------
@@ -517,7 +299,6 @@ class Trainer:
                                        static_graph=static_graph, **kwargs)
 
     def _build_dataset(self):
-        from dataloaders.train_datasets import build_train_dataset, validate_train_files
         try:
             dataset = build_train_dataset(self.cfg, seed=self.seed)
             if self.rank == 0:
@@ -643,7 +424,6 @@ class Trainer:
                      + (f' ({len(report["new"])} new keys keep their init)' if report['new']
                         else ''))
             return
-        from networks.encoders.pretrained import load_imagenet_weights
         path = cfg.MODEL_ENCODER_PRETRAIN
         try:
             report = load_imagenet_weights(self.model.encoder, path, cfg.MODEL_ENCODER)
@@ -827,8 +607,4 @@ class Trainer:
 
 
 def _worker_init_fn(worker_id):
-    try:
-        from dataloaders.train_datasets import worker_init_fn
-    except ImportError:  # a user dataset without our data package
-        return
     worker_init_fn(worker_id)
