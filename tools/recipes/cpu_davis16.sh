@@ -20,9 +20,9 @@ ROOT=${AOT_RESULT_ROOT:-.}
 PROCS=${PROCS:-2}
 # Steps per stage (the budget of a 2-core CPU; see docs/results.md).
 T_PRE=${T_PRE:-1000}
-T_DAV=${T_DAV:-1000}
-S_KD1=${S_KD1:-400}
-S_KD2=${S_KD2:-800}
+T_DAV=${T_DAV:-700}
+S_KD1=${S_KD1:-300}
+S_KD2=${S_KD2:-700}
 CROP=${CROP:-161,161}
 SHORT_EDGE=${SHORT_EDGE:-240}
 
