@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,14 +146,22 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args._child:
         return child(args)
-    import numpy as np
     import torch
     torch.set_num_threads(args.threads)
+    tmp = tempfile.mkdtemp(prefix='bench_onnx_')
+    try:
+        return _compare(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compare(args, tmp):
+    import numpy as np
+    import torch
     from networks.engines.onnx_graphs import bundle_paths, export_student
     from tools.export_onnx import network_input_size, quantize_int8
 
     cfg, model, weights = load_model(args)
-    tmp = tempfile.mkdtemp(prefix='bench_onnx_')
     paths = {'fp32': args.onnx}
     if not args.onnx:
         size = network_input_size(cfg, args.frame_size, 480 * 1.3)
