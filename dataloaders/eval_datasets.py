@@ -18,13 +18,13 @@ given first-frame annotations itself). Bad data raises an error naming the file.
 """
 import json
 import os
-import re
 import warnings
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from utils.image import image_size, read_image, read_mask
+from utils.video_io import natural_key
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 
@@ -37,11 +37,6 @@ def _stem(name):
     return os.path.splitext(name)[0]
 
 
-def _natural_key(name):
-    # 'frame2' < 'frame10'; identical to a plain sort for zero-padded names.
-    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
-
-
 def _list_frames(folder, natural=False):
     if not os.path.isdir(folder):
         raise DatasetFormatError(f'{folder}: frame folder not found')
@@ -50,7 +45,7 @@ def _list_frames(folder, natural=False):
     if not names:
         raise DatasetFormatError(f'{folder}: no frames ({"/".join(IMAGE_EXTENSIONS)}) in the '
                                  f'sequence folder')
-    return sorted(names, key=_natural_key) if natural else sorted(names)
+    return sorted(names, key=natural_key) if natural else sorted(names)
 
 
 def _require_dir(path, what):
@@ -447,7 +442,7 @@ class CustomTest(_SequenceList):
         label_dir = os.path.join(self.label_root, seq_name)
         labels = sorted((n for n in os.listdir(label_dir)
                          if n.lower().endswith('.png') and not n.startswith('.')),
-                        key=_natural_key)
+                        key=natural_key)
         if not labels:
             raise DatasetFormatError(f'{label_dir}: no annotation PNGs for sequence {seq_name}')
         stems = [_stem(n) for n in images]

@@ -40,6 +40,9 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
+from utils.image import load_mask_array
+from utils.image import read_image as read_rgb
+
 from . import image_transforms as IT
 # VOID_ID: "neither object nor background" (COCO crowd regions, DAVIS-2017 void, the unread
 # masks of label-free clips): never an object, ignored by the losses, no ID embedding.
@@ -96,16 +99,9 @@ class _SeededDataset(Dataset):
 
 
 def read_image(path):
-    """``(H, W, 3)`` float32 RGB in [0, 255].
-
-    EXIF orientation is ignored on purpose: masks (PNG, read by PIL) carry none, and a
-    rotated image would no longer sit on its mask.
-    """
-    img = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None:
-        reason = 'file not found' if not os.path.isfile(path) else 'not a readable image'
-        raise ValueError(f'{path}: cannot read image ({reason})')
-    return np.ascontiguousarray(img[:, :, ::-1], dtype=np.float32)
+    """``(H, W, 3)`` float32 RGB in [0, 255], EXIF orientation ignored (masks carry none;
+    see :func:`utils.image.read_image`)."""
+    return read_rgb(path, apply_exif=False).astype(np.float32)
 
 
 def read_mask(path, mode='index'):
@@ -120,15 +116,7 @@ def read_mask(path, mode='index'):
     """
     if mode not in ('index', 'binary', 'auto'):
         raise ValueError(f"unknown mask mode {mode!r} (expected 'index', 'binary' or 'auto')")
-    try:
-        with Image.open(path) as m:
-            m.load()
-            pil_mode = m.mode
-            arr = np.array(m)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'{path}: mask file not found') from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f'{path}: cannot read mask ({err})') from None
+    pil_mode, arr = load_mask_array(path)
     if arr.ndim == 3:
         if pil_mode in ('LA', 'PA') or (arr[..., :3] == arr[..., :1]).all():
             arr = arr[..., 0]

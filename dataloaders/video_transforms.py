@@ -273,7 +273,4 @@ def train_transforms_from_cfg(cfg):
 
 
 # Evaluation transforms live in eval_transforms.py; re-exported for upstream-style imports.
-try:
-    from .eval_transforms import MultiRestrictSize, MultiToTensor  # noqa: F401
-except ImportError:
-    pass
+from .eval_transforms import MultiRestrictSize, MultiToTensor  # noqa: E402,F401

@@ -34,5 +34,16 @@ def _deterministic_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the same thread count everywhere (spawned training
+    processes get 1 each, so results are bit-identical), and tiny models on a loaded 2-core
+    machine are much slower with more. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: long-running test (deselect with -m "not slow")')

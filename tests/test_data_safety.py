@@ -13,20 +13,11 @@ import torch
 from PIL import Image
 
 from tests import conftest
-from tests.test_demo import H, W, frames_of, make_video, read_png, save_palette, truth_ids
+# _setup: the demo tests' autouse fixture (no trained weights, one thread), applied here too.
+from tests.test_demo import (H, W, _setup, frames_of, make_video, read_png,  # noqa: F401
+                             save_palette, truth_ids)
 from tools import demo
 from utils.video_io import FrameSourceError, open_frames
-
-
-@pytest.fixture(autouse=True)
-def _setup(monkeypatch, tmp_path):
-    empty = tmp_path / 'no_pretrain'
-    empty.mkdir()
-    monkeypatch.setattr(demo, 'PRETRAIN_DIR', str(empty))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_demo(argv, capsys):

@@ -161,14 +161,7 @@ def load_timing(eval_dir):
         return json.load(f)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Same thread count everywhere (the 2-process run's children get 1 each), so results are
-    # bit-identical; several threads on a loaded 2-core machine are also much slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------

@@ -83,12 +83,7 @@ def make_trainer(cfg, dataset, rank=0, **kwargs):
                    pretrain=False, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def without_dropout(trainer):

@@ -24,6 +24,8 @@ if __package__ in (None, ''):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
+from utils.device import peak_rss_mb  # noqa: E402
+
 
 class MovingShapes:
     """Frame source: a disc and a square moving over a panning texture, drawn per frame."""
@@ -68,12 +70,6 @@ def rss_mb():
         return pages * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
     except (OSError, ValueError, AttributeError):
         return peak_rss_mb()
-
-
-def peak_rss_mb():
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == 'darwin' else peak / 1024.
 
 
 def run_one(args):

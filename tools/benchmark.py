@@ -16,7 +16,6 @@ same memory. Weights are random (speed does not depend on them).
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -65,6 +64,7 @@ def run_one(args):
     from configs.default import DefaultEngineConfig
     from networks.engines import build_engine
     from networks.models import build_vos_model
+    from utils.device import peak_memory_mb, peak_rss_mb
 
     torch.manual_seed(0)
     if args.threads:
@@ -100,7 +100,7 @@ def run_one(args):
         if device.type == 'cuda':
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_before = peak_rss_mb()
         start = time.perf_counter()
         for _ in range(args.frames):
             step(write=False)
@@ -112,18 +112,14 @@ def run_one(args):
     attn = model.LSTT.layers[0].long_term_attn
     grid = getattr(attn, 'grid', 1)
     keys = sub.memory.num_long_term_frames * (-(-h // grid)) * (-(-w // grid))
-    if device.type == 'cuda':
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-        peak_kind = 'cuda_max_allocated_MiB'
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak_kind = 'peak_rss_MiB'
+    peak = peak_memory_mb(device)
+    peak_kind = 'cuda_max_allocated_MiB' if device.type == 'cuda' else 'peak_rss_MiB'
     return {'model': args.model, 'size': [H, W], 'grid_16x': [h, w], 'device': args.device,
             'precision': args.precision, 'local_impl': args.local_impl,
             'gda_grid': args.gda_grid if cfg.MODEL_LT_ATTENTION == 'deformable' else None,
             'lt_frames': sub.memory.num_long_term_frames, 'keys_per_query': keys,
             'fps': args.frames / elapsed, 'ms_per_frame': 1000 * elapsed / args.frames,
-            peak_kind: round(peak, 1), 'rss_before_timed_MiB': round(rss_before / 1024, 1),
+            peak_kind: round(peak, 1), 'rss_before_timed_MiB': round(rss_before, 1),
             'threads': torch.get_num_threads()}
 
 

@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from utils.checkpoint import CheckpointMismatchError, CheckpointReadError  # noqa: E402
-from utils.device import DeviceError, resolve_device  # noqa: E402
+from utils.device import DeviceError, peak_memory_mb, peak_rss_mb, resolve_device  # noqa: E402
 from utils.io import atomic_write_json  # noqa: E402
 from utils.image import (MaskFormatError, MaskWarning, overlay_mask, read_mask,  # noqa: E402
                          save_mask)
@@ -175,15 +175,6 @@ def check_output_location(output, inputs):
             raise DemoError(f'--output {output} contains the {what} {path}; results are '
                             f'written (and with --overwrite replaced) there, so choose an '
                             f'--output outside the inputs')
-
-
-def _peak_rss_mb():
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024. ** 2 if sys.platform == 'darwin' else peak / 1024.
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -347,7 +338,7 @@ def _segment_into(args, seg, source, masks, objects, seq, ckpt, gt_dir, staging,
         problems.append(msg)
 
     cuda = seg.device.type == 'cuda'
-    peak_rss = _peak_rss_mb()
+    peak_rss = peak_rss_mb()
     summary = {
         'sequence': seq,
         'input': os.path.abspath(args.input),
@@ -369,7 +360,7 @@ def _segment_into(args, seg, source, masks, objects, seq, ckpt, gt_dir, staging,
         'max_resolution': args.max_resolution,
         'fps': round(seg.fps, 3),
         'fps_end_to_end': round(written / wall, 3) if wall > 0 else None,
-        'peak_memory_mb': round(torch.cuda.max_memory_allocated(seg.device) / 2 ** 20, 1)
+        'peak_memory_mb': round(peak_memory_mb(seg.device), 1)
         if cuda else (None if peak_rss is None else round(peak_rss, 1)),
         'peak_memory_kind': 'cuda_max_allocated' if cuda else 'process_peak_rss',
         'peak_rss_mb': None if peak_rss is None else round(peak_rss, 1),

@@ -1,4 +1,7 @@
-"""Choosing the compute device from a user's ``--device`` (or its absence)."""
+"""The compute device: choosing it from a user's ``--device`` (or its absence), and the
+peak memory a run used on it."""
+import sys
+
 import torch
 
 
@@ -20,3 +23,23 @@ def resolve_device(requested=None, gpu=None):
         raise DeviceError(f'GPU {index} was asked for but only {torch.cuda.device_count()} '
                           f'are visible')
     return torch.device('cuda', index)
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process in MiB (``ru_maxrss``: KiB on Linux, bytes on
+    macOS); ``None`` where the ``resource`` module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == 'darwin' else peak / 1024.
+
+
+def peak_memory_mb(device):
+    """Peak memory of a run on ``device`` in MiB: ``torch.cuda.max_memory_allocated`` on CUDA
+    (since the last ``reset_peak_memory_stats``), else the process's peak RSS."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return peak_rss_mb()

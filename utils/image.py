@@ -272,6 +272,26 @@ def _is_grayscale_mask(rgb, palette):
     return not all(v * 0x010101 in table_codes for v in solid)
 
 
+def load_mask_array(path):
+    """``(PIL mode, array)`` of a mask file, decoded as stored (no id mapping).
+
+    The one place mask files are opened (:func:`read_mask`, the training sets'
+    ``read_mask``, the J&F reader in :mod:`utils.metrics`); each interprets the pixels its
+    own way. Raises ``FileNotFoundError`` for a missing file and :class:`MaskFormatError`
+    (a ``ValueError``) for one PIL cannot decode, both naming the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: mask file not found')
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.mode, np.array(img)
+    except Exception as exc:  # PIL raises a handful of unrelated types for broken files
+        raise MaskFormatError(f'cannot read mask {path} ({type(exc).__name__}: {exc})') \
+            from exc
+
+
 def read_mask(path, *, palette=None, max_id=None, size=None, void_id=VOID_ID):
     """Read a mask file as an ``(H, W)`` id map (uint8 when every id fits, else int32).
 
@@ -288,17 +308,7 @@ def read_mask(path, *, palette=None, max_id=None, size=None, void_id=VOID_ID):
     Ids are not renumbered: non-contiguous ids (e.g. {0, 2, 7}) stay as they are.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: mask file not found')
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            arr = np.array(img)
-    except Exception as exc:  # PIL raises a handful of unrelated types for broken files
-        raise MaskFormatError(f'{path}: cannot read the mask ({type(exc).__name__}: {exc})') \
-            from exc
-
+    mode, arr = load_mask_array(path)
     if mode == 'P':
         ids = arr.astype(np.int64)
         if void_id is not None:
@@ -364,21 +374,24 @@ def save_mask(mask, path, palette=None):
     atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 
-def read_image(path):
+def read_image(path, apply_exif=True):
     """Read a frame as RGB ``(H, W, 3)`` uint8.
 
-    Decoded with OpenCV as upstream does (EXIF orientation applied), so pixel values match the
-    reference pipeline bit for bit.
+    Decoded with OpenCV as upstream does, so pixel values match the reference pipeline bit for
+    bit. ``apply_exif``: rotate by the EXIF orientation (OpenCV's default, upstream's
+    inference); the training sets pass ``False`` because their masks (PNG) carry none, and a
+    rotated image would no longer sit on its mask.
     """
     import cv2
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: frame not found')
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    flags = cv2.IMREAD_COLOR if apply_exif else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imread(path, flags)
     if bgr is None:
         # cv2.imread cannot open some non-ASCII paths; decode from memory before giving up.
         try:
-            bgr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+            bgr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), flags)
         except (OSError, ValueError):
             bgr = None
     if bgr is None:

@@ -37,8 +37,8 @@ import multiprocessing
 
 import cv2
 import numpy as np
-from PIL import Image
 
+from utils.image import load_mask_array
 from utils.io import atomic_write_json, atomic_write_text
 
 VOID_LABEL = 255
@@ -245,14 +245,7 @@ def read_label_png(path):
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file when it is missing, unreadable,
     multi-channel (RGB masks carry colours, not ids) or not integer-valued.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'mask file not found: {path}')
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            arr = np.array(img)
-    except Exception as exc:  # PIL raises many types for corrupt files
-        raise ValueError(f'cannot read mask {path}: {exc}') from exc
+    mode, arr = load_mask_array(path)
     if arr.ndim != 2:
         raise ValueError(f'mask {path} has mode {mode!r} with shape {arr.shape}; expected a '
                          f'single-channel indexed (P) or grayscale (L) PNG whose values are object ids')

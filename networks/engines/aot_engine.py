@@ -50,7 +50,7 @@ class AOTEngine(nn.Module):
         self.align_corners = aot_model.cfg.MODEL_ALIGN_CORNERS
         self.AOT = aot_model
         self.max_obj_num = aot_model.max_obj_num
-        self.gpu_id = gpu_id
+        del gpu_id  # upstream's signature; the device is the model's
         self.long_term_mem_gap = long_term_mem_gap
         self.short_term_mem_skip = short_term_mem_skip
         self.max_long_term_frames = max_long_term_frames
@@ -294,9 +294,11 @@ class AOTEngine(nn.Module):
             all_masks: ``(T*B, 1, H, W)`` labels.
             use_prev_pred: sequential phase: memory IDs come from the predicted (detached)
                 masks instead of the ground truth.
+            tf_board: upstream's switch for image logs; accepted and ignored.
         Returns:
             ``(loss, all_pred_mask, all_frame_loss, boards)``: scalar loss, per-frame
-            argmax masks ``(B, H, W)``, per-frame losses ``(B,)`` and an (empty) board.
+            argmax masks ``(B, H, W)``, per-frame losses ``(B,)`` and upstream's board slot,
+            always empty (kept so upstream's 4-tuple unpacking works).
         """
         if self.losses is None:
             self._init_losses()
@@ -347,8 +349,8 @@ class AOTEngine(nn.Module):
         aux_loss = torch.cat(aux_losses).mean()
         pred_loss = torch.cat(curr_losses).mean()
         total = aux_weight * aux_loss + pred_loss
-        boards = {'image': {}, 'scalar': {}}
-        return total, aux_masks + curr_masks, aux_losses + curr_losses, boards
+        del tf_board
+        return total, aux_masks + curr_masks, aux_losses + curr_losses, {'image': {}, 'scalar': {}}
 
     def set_prev_frame(self, frame_step=1):
         """Use frame ``frame_step`` as a second ground-truth reference (upstream's
@@ -377,7 +379,7 @@ class AOTInferEngine(nn.Module):
         if max_aot_obj_num is None or max_aot_obj_num > aot_model.max_obj_num:
             max_aot_obj_num = aot_model.max_obj_num
         self.max_aot_obj_num = max_aot_obj_num
-        self.gpu_id = gpu_id
+        del gpu_id  # upstream's signature; the device is the model's
         self.long_term_mem_gap = long_term_mem_gap
         self.short_term_mem_skip = short_term_mem_skip
         self.max_long_term_frames = max_long_term_frames
@@ -432,8 +434,9 @@ class AOTInferEngine(nn.Module):
         self.obj_nums = obj_nums
         needed = max(math.ceil(obj_nums / self.max_aot_obj_num), 1)
         while len(self.aot_engines) < needed:
-            engine = self.engine_class(self.AOT, self.gpu_id, self.long_term_mem_gap,
-                                       self.short_term_mem_skip, self.max_long_term_frames)
+            engine = self.engine_class(self.AOT, long_term_mem_gap=self.long_term_mem_gap,
+                                       short_term_mem_skip=self.short_term_mem_skip,
+                                       max_long_term_frames=self.max_long_term_frames)
             engine.eval()
             if self.aot_engines and frame_step > 0:
                 # A sub-engine created mid-video counts its memory gap from this frame

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basic import DWConv2d
-from .local_window import local_window_aggregate, local_window_logits, window_valid_mask
+from .local_window import local_window_aggregate, local_window_logits, mask_out_of_image
 
 
 def _interleave_heads(x1, x2, num_head):
@@ -33,9 +33,14 @@ def _interleave_heads(x1, x2, num_head):
     return x.reshape(L, B, 2 * half)
 
 
-def _masked_fill_value(dtype):
-    # Upstream's out-of-image penalty; float16/bfloat16 cannot hold 1e8.
-    return 1e8 if dtype == torch.float32 or dtype == torch.float64 else 1e4
+def _set_head_sizes(module, d_qk, d_vu, num_head, d_att, expand_ratio):
+    """The per-head sizes both gated attentions derive from their arguments."""
+    module.expand_d_vu = int(d_vu * expand_ratio)
+    module.d_vu = d_vu
+    module.num_head = num_head
+    module.hidden_dim = module.expand_d_vu // num_head
+    module.d_att = d_qk // num_head if d_att is None else d_att
+    module.scale = 1.0 / math.sqrt(module.d_att)
 
 
 class GatedPropagation(nn.Module):
@@ -56,12 +61,7 @@ class GatedPropagation(nn.Module):
     def __init__(self, d_qk, d_vu, num_head=8, dropout=0.0, use_linear=True, d_att=None,
                  expand_ratio=2.0):
         super().__init__()
-        self.expand_d_vu = int(d_vu * expand_ratio)
-        self.d_vu = d_vu
-        self.num_head = num_head
-        self.hidden_dim = self.expand_d_vu // num_head
-        self.d_att = d_qk // num_head if d_att is None else d_att
-        self.scale = 1.0 / math.sqrt(self.d_att)
+        _set_head_sizes(self, d_qk, d_vu, num_head, d_att, expand_ratio)
         self.use_linear = use_linear
         if use_linear:
             half = self.hidden_dim * num_head // 2
@@ -133,12 +133,7 @@ class LocalGatedPropagation(nn.Module):
     def __init__(self, d_qk, d_vu, num_head, dropout=0.0, max_dis=7, dilation=1,
                  use_linear=True, d_att=None, expand_ratio=2.0):
         super().__init__()
-        self.expand_d_vu = int(d_vu * expand_ratio)
-        self.d_vu = d_vu
-        self.num_head = num_head
-        self.hidden_dim = self.expand_d_vu // num_head
-        self.d_att = d_qk // num_head if d_att is None else d_att
-        self.scale = 1.0 / math.sqrt(self.d_att)
+        _set_head_sizes(self, d_qk, d_vu, num_head, d_att, expand_ratio)
         self.max_dis = max_dis
         self.dilation = dilation
         self.window_size = 2 * max_dis + 1
@@ -177,8 +172,7 @@ class LocalGatedPropagation(nn.Module):
         logits = local_window_logits((q * self.scale).reshape(B * H, self.d_att, h, w),
                                      k.reshape(B * H, self.d_att, h, w),
                                      self.max_dis, self.dilation)
-        invalid = ~window_valid_mask(h, w, self.max_dis, self.dilation, q.device)
-        logits = (logits + rel).masked_fill(invalid, -_masked_fill_value(logits.dtype))
+        logits = mask_out_of_image(logits + rel, self.max_dis, self.dilation)
         attn = self.dropout(torch.softmax(logits, dim=1))           # (B*H, W2, h, w)
         out = local_window_aggregate(attn, v.reshape(B * H, self.hidden_dim, h, w),
                                      self.max_dis, self.dilation)   # (B*H, c, h, w)

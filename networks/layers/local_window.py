@@ -65,6 +65,20 @@ def window_valid_mask(h, w, max_dis=7, dilation=1, device=None):
     return _window_valid(h, w, max_dis, dilation).to(device)
 
 
+def out_of_image_penalty(dtype):
+    """Upstream's fill for window positions outside the image: 1e8, or 1e4 in half precision
+    (which cannot hold 1e8). The masked softmax weight is exactly zero either way."""
+    return 1e8 if dtype in (torch.float32, torch.float64) else 1e4
+
+
+def mask_out_of_image(logits, max_dis=7, dilation=1):
+    """``(N, W*W, h, w)`` window logits with the positions outside the image set to
+    ``-out_of_image_penalty`` (the one rule both short-term attentions use)."""
+    h, w = logits.shape[-2:]
+    invalid = ~window_valid_mask(h, w, max_dis, dilation, logits.device)
+    return logits.masked_fill(invalid, -out_of_image_penalty(logits.dtype))
+
+
 def _tiles(x, tile, halo):
     """``(N, C, h, w)`` -> ``(N * nT, C, (tile + 2*halo)^2)`` overlapping tiles.
 

@@ -21,20 +21,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basic import DropPath, GNActDWConv2d, layer_drop_path_rate, map_to_seq, seq_to_2d
-from .local_window import local_window_aggregate, local_window_logits, window_valid_mask
+from .local_window import local_window_aggregate, local_window_logits, mask_out_of_image
 from .memory_entry import MemoryEntry
-
-
-def _out_of_image_penalty(dtype):
-    # Upstream's constant: 1e8 in float32, 1e4 for every other dtype (half precision
-    # cannot hold 1e8). Either way the masked softmax weight is exactly zero.
-    return 1e8 if dtype == torch.float32 else 1e4
 
 
 def _xavier_init(module):
     for p in module.parameters():
         if p.dim() > 1:
             nn.init.xavier_uniform_(p)
+
+
+def _set_head_sizes(module, d_model, num_head):
+    """The per-head sizes (and softmax temperature) both AOT attentions use."""
+    if d_model % num_head:
+        raise ValueError(f'd_model ({d_model}) must be divisible by num_head ({num_head})')
+    module.d_model = d_model
+    module.num_head = num_head
+    module.head_dim = d_model // num_head
+    module.T = module.head_dim ** 0.5
 
 
 class MultiheadAttention(nn.Module):
@@ -51,12 +55,7 @@ class MultiheadAttention(nn.Module):
 
     def __init__(self, d_model, num_head=8, dropout=0.0, use_linear=True):
         super().__init__()
-        if d_model % num_head:
-            raise ValueError(f'd_model ({d_model}) must be divisible by num_head ({num_head})')
-        self.d_model = d_model
-        self.num_head = num_head
-        self.head_dim = d_model // num_head
-        self.T = self.head_dim ** 0.5
+        _set_head_sizes(self, d_model, num_head)
         self.use_linear = use_linear
         if use_linear:
             self.linear_Q = nn.Linear(d_model, d_model)
@@ -109,12 +108,7 @@ class MultiheadLocalAttention(nn.Module):
 
     def __init__(self, d_model, num_head=8, dropout=0.0, max_dis=7, dilation=1):
         super().__init__()
-        if d_model % num_head:
-            raise ValueError(f'd_model ({d_model}) must be divisible by num_head ({num_head})')
-        self.d_model = d_model
-        self.num_head = num_head
-        self.head_dim = d_model // num_head
-        self.T = self.head_dim ** 0.5
+        _set_head_sizes(self, d_model, num_head)
         self.max_dis = max_dis
         self.dilation = dilation
         self.window_size = 2 * max_dis + 1
@@ -139,8 +133,7 @@ class MultiheadLocalAttention(nn.Module):
         rel_k = self.relative_emb_k(q).view(B * H, W2, h, w)
         logits = local_window_logits((q / self.T).reshape(B * H, c, h, w),
                                      k.reshape(B * H, c, h, w), self.max_dis, self.dilation)
-        invalid = ~window_valid_mask(h, w, self.max_dis, self.dilation, q.device)
-        logits = (logits + rel_k).masked_fill(invalid, -_out_of_image_penalty(logits.dtype))
+        logits = mask_out_of_image(logits + rel_k, self.max_dis, self.dilation)
         attn = self.dropout(torch.softmax(logits, dim=1))              # (B*H, W2, h, w)
         out = local_window_aggregate(attn, v.reshape(B * H, c, h, w),
                                      self.max_dis, self.dilation)      # (B*H, c, h, w)

@@ -61,8 +61,6 @@ Differences from upstream (all deliberate):
 """
 import json
 import os
-import resource
-import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +77,7 @@ from dataloaders.eval_transforms import build_eval_transform
 from networks.engines import build_engine
 from utils.checkpoint import checkpoint_path, latest_checkpoint
 from utils.image import save_mask
-from utils.device import resolve_device
+from utils.device import peak_memory_mb, resolve_device
 from utils.io import atomic_write, atomic_write_json, file_sha256
 from utils.metrics import evaluate_davis
 
@@ -163,13 +161,6 @@ def _available_cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def _peak_memory_gib(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 1024 ** 3
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 ** 3 if sys.platform == 'darwin' else peak / 1024 ** 2  # bytes vs KiB
 
 
 class _FrameTimer:
@@ -440,7 +431,6 @@ class Evaluator:
     def _new_engine(self):
         cfg = self.cfg
         engine = build_engine(cfg.MODEL_ENGINE, phase='eval', aot_model=self.model,
-                              gpu_id=self.gpu or 0,
                               long_term_mem_gap=cfg.TEST_LONG_TERM_MEM_GAP,
                               short_term_mem_skip=cfg.TEST_SHORT_TERM_MEM_SKIP,
                               max_long_term_frames=getattr(cfg, 'TEST_LONG_TERM_MEM_MAX', None))
@@ -560,7 +550,7 @@ class Evaluator:
         record = {
             'seq': seq_name, 'frames': len(seq), 'timed_frames': n_timed, 'objects': obj_num,
             'seconds': seconds, 'fps': n_timed / seconds if n_timed and seconds > 0 else None,
-            'max_mem_gib': _peak_memory_gib(self.device),
+            'max_mem_gib': (peak_memory_mb(self.device) or 0.) / 1024,
             'mem_kind': 'cuda_max_allocated' if self.device.type == 'cuda' else 'cpu_peak_rss',
             'device': str(self.device), 'rank': self.rank, 'finished_at': time.time(),
             'files': files, 'settings': self.settings(),

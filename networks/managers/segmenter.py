@@ -513,8 +513,7 @@ class VideoObjectSegmenter:
         if self.onnx is not None:
             from networks.managers.onnx_backend import OnnxInferEngine
             return OnnxInferEngine(self.onnx, **kwargs)
-        return build_engine(self.cfg.MODEL_ENGINE, phase='eval', aot_model=self.model, gpu_id=0,
-                            **kwargs)
+        return build_engine(self.cfg.MODEL_ENGINE, phase='eval', aot_model=self.model, **kwargs)
 
     def _merge_prompt(self, prob, prompt, img, index, in_size):
         """A mask on a propagated frame: merge it into the prediction and re-reference.

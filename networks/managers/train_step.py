@@ -146,7 +146,6 @@ class SupervisedStep(TrainStep):
         self.enable_prev_frame = enable_prev_frame
         self.id_shuffle = id_shuffle
         self.engine = build_engine(cfg.MODEL_ENGINE, 'train', aot_model=model,
-                                   gpu_id=self.device.index or 0,
                                    long_term_mem_gap=cfg.TRAIN_LONG_TERM_MEM_GAP)
         self._wrap = None
         self._ddp = None
@@ -204,7 +203,7 @@ class SupervisedStep(TrainStep):
             self.engine.enable_id_shuffle = True
             self.engine.id_shuffle_matrix = self.shuffle_matrices(step, bs)
         loss, masks, frame_losses, _ = self._forward_module(step)(
-            frames, labels, bs, obj_nums=obj_nums, step=step, tf_board=False,
+            frames, labels, bs, obj_nums=obj_nums, step=step,
             use_prev_pred=self.use_prev_pred(step), enable_prev_frame=self.enable_prev_frame,
             use_prev_prob=self.cfg.MODEL_USE_PREV_PROB)
         loss = loss.mean()

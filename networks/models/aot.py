@@ -12,7 +12,22 @@ import torch.nn as nn
 
 from networks.decoders import build_decoder
 from networks.encoders import build_encoder
+from networks.layers.lstt import LongShortTermTransformer
 from networks.layers.position import PositionEmbeddingSine
+
+
+def propagation_args(cfg):
+    """Positional and keyword arguments of the propagation module (LSTT, or DeAOT's GPM)
+    from the config: the same for AOT and DeAOT."""
+    args = (cfg.MODEL_LSTT_NUM, cfg.MODEL_ENCODER_EMBEDDING_DIM, cfg.MODEL_SELF_HEADS,
+            cfg.MODEL_ATT_HEADS)
+    kwargs = dict(emb_dropout=cfg.TRAIN_LSTT_EMB_DROPOUT, droppath=cfg.TRAIN_LSTT_DROPPATH,
+                  lt_dropout=cfg.TRAIN_LSTT_LT_DROPOUT, st_dropout=cfg.TRAIN_LSTT_ST_DROPOUT,
+                  droppath_lst=cfg.TRAIN_LSTT_DROPPATH_LST,
+                  droppath_scaling=cfg.TRAIN_LSTT_DROPPATH_SCALING,
+                  intermediate_norm=cfg.MODEL_DECODER_INTERMEDIATE_LSTT,
+                  return_intermediate=True)
+    return args, kwargs
 
 
 class AOT(nn.Module):
@@ -48,14 +63,8 @@ class AOT(nn.Module):
 
     # -- construction -----------------------------------------------------------------
     def _build_propagation(self, cfg):
-        from networks.layers.lstt import LongShortTermTransformer
-        return LongShortTermTransformer(
-            cfg.MODEL_LSTT_NUM, cfg.MODEL_ENCODER_EMBEDDING_DIM, cfg.MODEL_SELF_HEADS,
-            cfg.MODEL_ATT_HEADS, emb_dropout=cfg.TRAIN_LSTT_EMB_DROPOUT,
-            droppath=cfg.TRAIN_LSTT_DROPPATH, lt_dropout=cfg.TRAIN_LSTT_LT_DROPOUT,
-            st_dropout=cfg.TRAIN_LSTT_ST_DROPOUT, droppath_lst=cfg.TRAIN_LSTT_DROPPATH_LST,
-            droppath_scaling=cfg.TRAIN_LSTT_DROPPATH_SCALING,
-            intermediate_norm=cfg.MODEL_DECODER_INTERMEDIATE_LSTT, return_intermediate=True)
+        args, kwargs = propagation_args(cfg)
+        return LongShortTermTransformer(*args, **kwargs)
 
     def _decoder_in_dim(self, cfg):
         d = cfg.MODEL_ENCODER_EMBEDDING_DIM

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from networks.layers.transformer import DualBranchGPM
 
-from .aot import AOT
+from .aot import AOT, propagation_args
 
 
 def gda_kwargs(cfg):
@@ -29,14 +29,9 @@ class DeAOT(AOT):
 
     def _build_propagation(self, cfg):
         kind = getattr(cfg, 'MODEL_LT_ATTENTION', 'vanilla')
-        return DualBranchGPM(
-            cfg.MODEL_LSTT_NUM, cfg.MODEL_ENCODER_EMBEDDING_DIM, cfg.MODEL_SELF_HEADS,
-            cfg.MODEL_ATT_HEADS, emb_dropout=cfg.TRAIN_LSTT_EMB_DROPOUT,
-            droppath=cfg.TRAIN_LSTT_DROPPATH, lt_dropout=cfg.TRAIN_LSTT_LT_DROPOUT,
-            st_dropout=cfg.TRAIN_LSTT_ST_DROPOUT, droppath_lst=cfg.TRAIN_LSTT_DROPPATH_LST,
-            droppath_scaling=cfg.TRAIN_LSTT_DROPPATH_SCALING,
-            intermediate_norm=cfg.MODEL_DECODER_INTERMEDIATE_LSTT, return_intermediate=True,
-            lt_attention=kind, gda=gda_kwargs(cfg) if kind == 'deformable' else None)
+        args, kwargs = propagation_args(cfg)
+        return DualBranchGPM(*args, **kwargs, lt_attention=kind,
+                             gda=gda_kwargs(cfg) if kind == 'deformable' else None)
 
     def _decoder_in_dim(self, cfg):
         return 2 * cfg.MODEL_ENCODER_EMBEDDING_DIM
