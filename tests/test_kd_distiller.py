@@ -29,13 +29,7 @@ from utils.checkpoint import save_network
 H = 65  # crop: 5x5 tokens at stride 16, 17x17 logits at stride 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: a second thread buys little and is much slower on a loaded 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------
@@ -352,39 +346,63 @@ def test_lambda_zero_or_no_attention_loss_captures_nothing(monkeypatch):
             assert all(layer.long_term_attn.capture is None for layer in model.LSTT.layers)
 
 
+def ref_long_term_attention(module, q, k, v, u):
+    """Float64 ``{'attn', 'id_out'}`` of a vanilla long-term ``GatedPropagation`` from its
+    inputs, by the equations (softmax(q k^T / sqrt(d)) v, gated by u; the ID half)."""
+    L, B = q.shape[:2]
+    H, d, c = module.num_head, module.d_att, module.hidden_dim
+    q = q.double().view(L, B, H, d).permute(1, 2, 0, 3)
+    k = k.double().view(-1, B, H, d).permute(1, 2, 0, 3)
+    v = v.double().view(-1, B, H, c).permute(1, 2, 0, 3)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1)
+    out = (attn @ v).permute(2, 0, 1, 3).reshape(L, B, H * c) * u.double()
+    return {'attn': attn, 'id_out': out[..., H * c // 2:].transpose(0, 1)}
+
+
 def test_teacher_layer_selection_is_one_based():
     model = recipe_model('deaotb', 5)  # three GPM layers
     batch = make_batch(9, T=3, obj_nums=[2, 1])
     frames, ref, obj_nums = clip_from_batch(batch)
 
-    # Reference: drive the model by hand, capturing all three layers at every frame. (Capture
-    # swaps the fused attention kernel for an explicit softmax, so later layers differ from a
-    # one-layer capture by float32 rounding: compared with a tolerance far below the
-    # difference between layers.)
+    # Reference, independent of the capture hook under test: drive the model by hand with
+    # forward pre-hooks recording every layer's long-term attention inputs, and recompute
+    # the attention map and the gated ID output from them in float64.
     engine = build_engine('deaotengine', 'train', aot_model=model,
                           long_term_mem_gap=model.cfg.TRAIN_LONG_TERM_MEM_GAP)
+    inputs = [None] * 3
+
+    def recorder(i):
+        def hook(module, args):
+            inputs[i] = tuple(a.detach().clone() for a in args[:4])
+        return hook
+
+    hooks = [layer.long_term_attn.register_forward_pre_hook(recorder(i))
+             for i, layer in enumerate(model.LSTT.layers)]
     expected = []
-    with torch.no_grad():
-        engine.restart_engine(2, enable_id_shuffle=False)
-        embs = split_clip_embeddings(model.encode_image(frames), 2)
-        engine.add_reference_frame(mask=ref, frame_step=0, obj_nums=obj_nums, img_embs=embs[0])
-        for f in (1, 2):
-            stores = [{} for _ in range(3)]
-            for layer, store in zip(model.LSTT.layers, stores):
-                layer.long_term_attn.capture = store
-            engine.match_propogate_one_frame(img_embs=embs[f])
-            for layer in model.LSTT.layers:
-                layer.long_term_attn.capture = None
-            expected.append([{k: v.clone() for k, v in s.items()} for s in stores])
-            engine.decode_current_logits()
-            engine.update_short_term_memory(engine.predict_current_mask())
+    try:
+        with torch.no_grad():
+            engine.restart_engine(2, enable_id_shuffle=False)
+            embs = split_clip_embeddings(model.encode_image(frames), 2)
+            engine.add_reference_frame(mask=ref, frame_step=0, obj_nums=obj_nums,
+                                       img_embs=embs[0])
+            for f in (1, 2):
+                engine.match_propogate_one_frame(img_embs=embs[f])
+                expected.append([ref_long_term_attention(layer.long_term_attn, *inputs[i])
+                                 for i, layer in enumerate(model.LSTT.layers)])
+                engine.decode_current_logits()
+                engine.update_short_term_memory(engine.predict_current_mask())
+    finally:
+        for h in hooks:
+            h.remove()
 
     for k in (1, 2, 3):
         for tensor in ('id_out', 'attn'):
             out = Teacher(model, layer=k, tensor=tensor)(frames, ref, obj_nums)
             for f, frame in enumerate(out):
-                torch.testing.assert_close(frame.attention, expected[f][k - 1][tensor],
-                                           rtol=1e-4, atol=1e-5, msg=f'layer {k} {tensor} {f}')
+                want = expected[f][k - 1][tensor].float()
+                assert frame.attention.shape == want.shape
+                torch.testing.assert_close(frame.attention, want, rtol=1e-4, atol=1e-5,
+                                           msg=f'layer {k} {tensor} {f}')
     for a, b in ((0, 1), (1, 2), (0, 2)):
         gap = (expected[0][a]['id_out'] - expected[0][b]['id_out']).abs().max()
         assert gap > 1e-2, (a, b, gap)

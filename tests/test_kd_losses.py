@@ -133,13 +133,25 @@ def test_cka_invariant_to_orthogonal_maps_on_either_side(n, p, q):
     assert abs(linear_cka(x * aniso, y).item() - base) > 1e-3
 
 
-def test_cka_stays_in_unit_interval():
-    for n, p, q in SHAPES:
-        x = rand(16, n, p, seed=p)
-        y = torch.cat([x[:8] @ rand(p, q, seed=q), rand(8, n, q, seed=n)])
-        c = linear_cka(x, y)
-        assert c.shape == (16,)
-        assert bool(((c >= 0) & (c <= 1)).all())
+def test_cka_batched_values_match_float64_across_the_unit_interval():
+    """Batched CKA equals the float64 Gram definition sample by sample, over values that
+    span [0, 1]: 1 for a rotated and scaled copy, inside (0, 1) for correlated pairs, lower
+    for independent ones. (A range check alone could not fail: the value is clamped.)"""
+    for n, p, _ in SHAPES:
+        base = rand(n, p, seed=p)
+        pairs = [(base, 2.5 * base @ orthogonal(p, seed=n))]                 # CKA = 1
+        pairs += [correlated(n, p, p, seed=s) for s in range(3)]            # in (0, 1)
+        pairs += [(rand(n, p, seed=90 + s), rand(n, p, seed=95 + s)) for s in range(2)]
+        x = torch.stack([a for a, _ in pairs])
+        y = torch.stack([b for _, b in pairs])
+        got = linear_cka(x, y)
+        want = torch.tensor([ref_cka(a, b) for a, b in pairs], dtype=torch.float32)
+        assert got.shape == (len(pairs),)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert abs(got[0].item() - 1.0) < 1e-5
+        assert bool(((got[1:4] > 0.05) & (got[1:4] < 0.999)).all())
+        if n > 2 * p:  # independent samples: CKA well below the correlated ones
+            assert float(got[4:].max()) < float(got[1:4].min())
 
 
 @pytest.mark.parametrize('n,p,q', SHAPES)
