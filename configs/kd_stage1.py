@@ -32,7 +32,7 @@ class EngineConfig(DefaultEngineConfig):
         self.PRETRAIN_FULL = False
         self.PRETRAIN_MODEL = ''
 
-        # Distillation (method_spec.md section 7; flags in kd.distiller.add_kd_arguments).
+        # Distillation (docs/distillation.md; flags in kd.distiller.add_kd_arguments).
         self.TRAIN_KD = True
         self.KD_TEACHER = 'r50_deaotl'                 # --teacher
         self.KD_TEACHER_CKPT = './pretrain_models/R50_DeAOTL_PRE_YTB_DAV.pth'  # --teacher_ckpt

@@ -53,7 +53,7 @@ __all__ = ['KD_DEFAULTS', 'KDSettings', 'kd_settings', 'clip_from_batch', 'Disti
 ATTENTION_LOSSES = ('cka', 'kl', 'none')
 MEMORY_LABELS = ('teacher', 'student')
 
-# The KD fields and their defaults (the paper's recipe, method_spec.md section 7). The
+# The KD fields and their defaults (the paper's recipe, docs/distillation.md). The
 # ``configs/kd_stage*.py`` configs list the same fields; these fill in for a config that
 # sets ``TRAIN_KD`` without them.
 KD_DEFAULTS = {
@@ -189,7 +189,7 @@ def resample_tokens(x, src_hw, dst_hw, token_dim):
     """Bilinearly resample the token axis ``token_dim`` of ``x`` from one grid to another.
 
     Rows of the attention tensors are query tokens laid out row-major on the 16x grid;
-    CKA needs the same pixels as rows in both networks (method_spec.md 6.5).
+    CKA needs the same pixels as rows in both networks (docs/distillation.md).
     """
     if tuple(src_hw) == tuple(dst_hw):
         return x

@@ -1,6 +1,6 @@
 """DAVIS J&F metrics, computed exactly as the official toolkits do.
 
-Spec: ``../shared/design/davis_metrics.md``. The reference is the DAVIS 2017 toolkit
+The reference is the DAVIS 2017 toolkit
 (``davisvideochallenge/davis2017-evaluation``); DAVIS 2016 uses the same formulas on binary masks.
 
 Per frame and object (all masks are ``(H, W)`` bool):

@@ -1,7 +1,7 @@
 """Gated Deformable Attention (GDA): DeAOT's long-term gated attention over deformed memory keys.
 
 Drop-in replacement for the long-term ``GatedPropagation`` of a DeAOT propagation module
-(method_spec.md §3). Instead of attending to every token of every long-term memory frame, each
+(docs/gda.md). Instead of attending to every token of every long-term memory frame, each
 query attends to ``T * H_g * W_g`` keys bilinearly re-sampled from the memory maps at
 positions = reference grid of stride ``g`` + offsets predicted from the current query (DAT,
 Xia et al.). The gate, the depthwise 5x5 conv and the output projection are those of the vanilla
@@ -36,7 +36,7 @@ tensors keep the original channel order, so head splitting is unchanged from van
 Attention capture (for distillation): set ``module.capture = {}`` and the next forward stores
 ``capture['attn']`` = the softmax map ``(B, num_head, L, N_keys)`` and ``capture['id_out']`` = the
 ID half of the **gated** attention output ``(attn @ V) * U`` before the DWConv/projection,
-``(B, L, C_v / 2)`` (method_spec §6.4 (b)); the forward then also returns ``attn``. Tensors keep
+``(B, L, C_v / 2)`` (docs/distillation.md, ``KD_ATT_TENSOR``); the forward then also returns ``attn``. Tensors keep
 their autograd graph (the student's CKA loss back-propagates through them). With
 ``capture = None`` (the default) nothing is kept and ``attn`` is returned as ``None``.
 """

@@ -9,7 +9,7 @@ aot-benchmark's evaluator does, so published checkpoints reproduce their numbers
 * each augmentation decodes its logits at the output size, flips them back *before* the
   softmax, and the prediction is the argmax of the mean of the softmaxes;
 * each augmentation's engine writes its **own** argmax into memory, not the ensemble's
-  (upstream behaviour, kept for benchmark parity; see design note 13);
+  (upstream behaviour, kept for benchmark parity; docs/upstream_differences.md, row 13);
 * at a frame with annotations (YouTube-VOS objects appearing mid-video) the given objects are
   pasted over the prediction and every engine re-references that frame:
   ``add_reference_frame`` then ``decode_current_logits`` then ``update_memory``;

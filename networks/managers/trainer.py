@@ -5,7 +5,7 @@
 the loop. One process per device; ``tools/train.py`` launches them (one process, ``--gpu_num N``
 spawned processes, or ``torchrun`` across machines).
 
-What a step does, as upstream (``upstream_deaot.md`` §5) with its bugs fixed (§8):
+What a step does, as upstream with its bugs fixed (docs/upstream_differences.md):
 
 * LR: warm-up + poly decay per step (:mod:`utils.learning`), encoder groups scaled by
   ``TRAIN_LR_ENCODER_RATIO``; from ``int(TRAIN_SEQ_TRAINING_START_RATIO * TOTAL)`` on, the
