@@ -238,11 +238,32 @@ def test_loss_matches_a_float64_reference_over_valid_channels(student, teacher, 
     d = make_distiller(student, teacher, KD_TEACHER_LAYER=layer, KD_ATT_LOSS=att_loss,
                        KD_ATT_TENSOR=tensor, KD_LAMBDA=lam)
     d.train()
+    # The attention the reference uses is recomputed in float64 from the inputs of the two
+    # long-term attentions (forward pre-hooks), not taken from the capture hook under test.
+    t_attn = d.teacher.model.LSTT.layers[layer - 1].long_term_attn
+    s_attn = d.model.LSTT.layers[d.settings.student_layer - 1].long_term_attn
+    calls = {t_attn: [], s_attn: []}
+
+    def record(module, args):
+        calls[module].append(tuple(a.detach().clone() if torch.is_tensor(a) else a
+                                   for a in args))
+
+    hooks = [m.register_forward_pre_hook(record) for m in calls]
     # Sample 0: one object (no inter term); sample 1: three, object 3 absent from every frame.
     obj_nums = [1, 3]
     batch = make_batch(11, T=4, obj_nums=obj_nums, absent={(1, 3)})
-    loss, logs, records = run(d, batch, return_frames=True)
+    try:
+        loss, logs, records = run(d, batch, return_frames=True)
+    finally:
+        for h in hooks:
+            h.remove()
     assert len(records) == 3
+    for module, key in ((t_attn, 'teacher_attention'), (s_attn, 'student_attention')):
+        assert len(calls[module]) == 4   # the reference pass, then frames 1..3
+        for rec, args in zip(records, calls[module][1:]):
+            want = ref_attention_from_inputs(module, *args)[tensor]
+            torch.testing.assert_close(rec[key].double(), want, rtol=1e-4, atol=1e-5)
+            rec[key] = want
     expected = np.mean([ref_frame_loss(r, obj_nums, lam, att_loss) for r in records])
     assert abs(loss.item() - expected) <= 1e-4 * max(1.0, abs(expected))
     assert logs['kd_att'].item() > 1e-3  # the attention term is really there
@@ -344,6 +365,19 @@ def test_lambda_zero_or_no_attention_loss_captures_nothing(monkeypatch):
         assert abs(loss.item() - (logs['kd_inter'] + logs['kd_intra']).item()) < 1e-6
         for model in (d.teacher.model, d.model):
             assert all(layer.long_term_attn.capture is None for layer in model.LSTT.layers)
+
+
+def ref_attention_from_inputs(module, q, k, v, u, size_2d):
+    """Float64 ``{'attn', 'id_out'}`` of a long-term attention from its inputs: vanilla as in
+    :func:`ref_long_term_attention`; GDA over the keys and values it samples (the sampling
+    itself is checked against its equations in tests/test_deformable.py)."""
+    if not hasattr(module, 'sample_memory'):
+        return ref_long_term_attention(module, q, k, v, u)
+    with torch.no_grad():
+        k_s, v_s = module.sample_memory(k, v, module.sampling_positions(q, size_2d), size_2d)
+    B, n = k_s.shape[0], k_s.shape[-1]
+    return ref_long_term_attention(module, q, k_s.permute(2, 0, 1).reshape(n, B, -1),
+                                   v_s.permute(2, 0, 1).reshape(n, B, -1), u)
 
 
 def ref_long_term_attention(module, q, k, v, u):
