@@ -329,8 +329,12 @@ def test_export_cli_with_a_checkpoint_and_demo_backend(model, tmp_path, capsys):
     assert export_onnx.main(['--out', str(tmp_path / 'x.bin'), '--untrained']) == 2
     assert export_onnx.main(['--ckpt_path', str(tmp_path / 'nope.pth'),
                              '--out', str(tmp_path / 'x.onnx')]) == 2
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(b'not a checkpoint')
+    assert export_onnx.main(['--ckpt_path', str(bad), '--out', str(tmp_path / 'x.onnx')]) == 2
     err = capsys.readouterr().err
     assert 'x.bin' in err and 'nope.pth: no such checkpoint' in err
+    assert f'cannot read checkpoint {bad}' in err and not (tmp_path / 'x.onnx').exists()
 
     # tools/demo.py --backend onnxruntime on a frame folder.
     clip = Clip(4, H, W)

@@ -142,6 +142,7 @@ def main(argv=None):
               f"'.[onnx]'): {err}", file=sys.stderr)
         return 2
     from networks.engines.onnx_graphs import OPSET, export_student
+    from utils.checkpoint import CheckpointMismatchError, CheckpointReadError
     try:
         if not args.out.endswith('.onnx'):
             raise ExportError(f'--out {args.out}: name the main file <name>.onnx')
@@ -155,7 +156,7 @@ def main(argv=None):
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             paths = export_student(model, cfg, args.out, size, opset=opset, trained=bool(ckpt))
-    except (ExportError, ValueError) as err:
+    except (ExportError, ValueError, CheckpointMismatchError, CheckpointReadError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     summary = {'model': cfg.MODEL_ID, 'checkpoint': ckpt or None, 'trained': bool(ckpt),
