@@ -675,3 +675,58 @@ def test_train_kd_stage1_on_two_cpu_processes(tmp_path, monkeypatch):
     assert ckpt['trainer']['world_size'] == 2
     _, student, _ = load_vos_model('deaott_gda', str(result / 'ckpt' / 'save_step_3.pth'))
     assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def _two_object_clips():
+    """Two clips with two objects each. The KD terms are means over valid (sample, channel)
+    pairs, so with unequal object counts the weighting of a sample depends on how the batch
+    is split over processes; with equal counts it does not."""
+    from tests.test_trainer import TinyClips
+    clips = TinyClips(n=4)
+    clips.items = [clips.items[1], clips.items[3]]
+    assert [c['meta']['obj_num'] for c in clips.items] == [2, 2]
+    return clips
+
+
+def _kd_ddp_worker(rank, root, init_file):
+    from tests.test_trainer import make_trainer, tiny_cfg, without_dropout
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(root, batch=2, world=2, DIST_URL='file://' + init_file, **KD_TRAINER_FIELDS)
+    trainer = without_dropout(make_trainer(cfg, _two_object_clips(), rank=rank))
+    try:
+        trainer.sequential_training(stop_step=2)
+    finally:
+        trainer.close()
+
+
+# A vanilla deaott student distilled from a random deaott teacher (its first GPM layer).
+KD_TRAINER_FIELDS = dict(TRAIN_KD=True, KD_TEACHER='deaott', KD_TEACHER_CKPT=RANDOM_TEACHER,
+                         KD_TEACHER_LAYER=1, TRAIN_LSTT_DROPPATH=0.0)
+
+
+@pytest.mark.slow  # two spawned processes and a single-process run, ~40 s
+def test_kd_two_processes_match_one_process_on_the_combined_batch(tmp_path):
+    """Distillation on 2 gloo processes with 1 sample each updates the student exactly as
+    1 process on both samples (ID shuffles drawn per global batch, dropout off), and the
+    teacher is neither wrapped nor saved."""
+    import torch.multiprocessing as mp
+
+    from tests.test_trainer import make_trainer, saved, tiny_cfg, without_dropout
+    ddp_root = tmp_path / 'ddp'
+    mp.spawn(_kd_ddp_worker, args=(str(ddp_root), str(tmp_path / 'rendezvous')), nprocs=2,
+             join=True)
+    single_cfg = tiny_cfg(tmp_path / 'single', batch=2, **KD_TRAINER_FIELDS)
+    trainer = without_dropout(make_trainer(single_cfg, _two_object_clips()))
+    assert isinstance(trainer.step_fn, Distiller)
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.sequential_training(stop_step=2)
+
+    ddp_ckpt = saved(tiny_cfg(ddp_root, batch=2, world=2, **KD_TRAINER_FIELDS), 2)
+    one_ckpt = saved(single_cfg, 2)
+    assert ddp_ckpt['trainer']['world_size'] == 2 and one_ckpt['trainer']['world_size'] == 1
+    ddp, one = ddp_ckpt['state_dict'], one_ckpt['state_dict']
+    assert sorted(ddp) == sorted(one) == sorted(initial)   # the student only, no teacher keys
+    max_update = max((one[k] - initial[k]).abs().max().item() for k in one)
+    assert max_update > 1e-4   # far above the tolerance: a missing reduction would show
+    for key in one:
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=5e-6, msg=key)
