@@ -322,8 +322,19 @@ def test_export_cli_with_a_checkpoint_and_demo_backend(model, tmp_path, capsys):
     assert max(summary['max_abs_diff'].values()) < 1e-4
     assert set(summary['files']) == {'encode', 'reference', 'propagate', 'write'}
     assert bundle_paths(str(out))['propagate'] == str(out)
-    # The same weights give the same logits as the in-memory export's layout says.
     assert OnnxStudent(str(out)).layout.to_dict() == graph_layout(net, (H, W)).to_dict()
+    # Another process, the same checkpoint: the same bytes.
+    import subprocess
+    import sys
+    again = tmp_path / 'cli2' / 'student.onnx'
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    subprocess.run([sys.executable, os.path.join('tools', 'export_onnx.py'), '--ckpt_path',
+                    str(ckpt), '--out', str(again), '--frame_size', str(H), str(W)],
+                   check=True, capture_output=True, env=env,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for role, p in bundle_paths(str(out)).items():
+        with open(p, 'rb') as f1, open(bundle_paths(str(again))[role], 'rb') as f2:
+            assert f1.read() == f2.read(), role
 
     # Bad CLI input: a clear one-line error.
     assert export_onnx.main(['--out', str(tmp_path / 'x.bin'), '--untrained']) == 2
