@@ -31,6 +31,9 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
+# One home for cutting a clip's encoder outputs into frames: the engines'.
+from networks.engines.aot_engine import split_frames as split_clip_embeddings
+
 logger = logging.getLogger(__name__)
 
 __all__ = ['RANDOM_TEACHER', 'ATTENTION_TENSORS', 'TeacherFrame', 'Teacher', 'build_teacher',
@@ -47,16 +50,6 @@ class TeacherFrame:
     logits: torch.Tensor
     label: torch.Tensor
     attention: Optional[torch.Tensor] = None
-
-
-def split_clip_embeddings(embs, batch_size):
-    """Per-level encoder outputs of a frame-major clip ``(T*B, ...)`` -> per-frame lists.
-
-    ``embs`` is ``[x4, x8, x16, x16_projected]`` with ``T*B`` rows each; returns ``T`` lists
-    of the same four levels with ``B`` rows (what the engines take as ``img_embs``).
-    """
-    per_level = [torch.split(x, batch_size, dim=0) for x in embs]
-    return [list(level) for level in zip(*per_level)]
 
 
 def check_attention_layer(model, layer, who):

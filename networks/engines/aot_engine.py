@@ -27,6 +27,16 @@ from .identity import generate_permute_matrix, one_hot_mask
 from .memory import VOSMemory
 
 
+def split_frames(embs, batch_size):
+    """Per-level encoder outputs of a frame-major clip ``(T*B, ...)`` -> ``T`` per-frame lists.
+
+    ``embs`` is ``[x4, x8, x16, x16_projected]`` with ``T*B`` rows each; each frame's list
+    holds the same levels with ``B`` rows (what the engines take as ``img_embs``).
+    """
+    per_level = [torch.split(x, batch_size, dim=0) for x in embs]
+    return [list(level) for level in zip(*per_level)]
+
+
 def _mask_value(dtype):
     return -1e10 if dtype == torch.float32 or dtype == torch.float64 else -1e4
 
@@ -112,8 +122,7 @@ class AOTEngine(nn.Module):
             self.update_size(all_frames.shape[2:], self.offline_enc_embs[0][-1].shape[2:])
 
     def _split_frames(self, xs):
-        per_level = [torch.split(x, self.batch_size, dim=0) for x in xs]
-        return [list(level) for level in zip(*per_level)]
+        return split_frames(xs, self.batch_size)
 
     def encode_one_img_mask(self, img=None, mask=None, frame_step=-1):
         if frame_step == -1:
