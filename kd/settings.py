@@ -110,7 +110,7 @@ def kd_settings(cfg):
         if settings.att_tensor != 'attn':
             raise ValueError("KD_ATT_LOSS='kl' compares softmax attention maps: it needs "
                              f"KD_ATT_TENSOR='attn', got {settings.att_tensor!r}")
-        if getattr(cfg, 'MODEL_LT_ATTENTION', 'vanilla') != 'vanilla':
+        if cfg.MODEL_LT_ATTENTION != 'vanilla':
             raise ValueError(
                 "KD_ATT_LOSS='kl' needs the student's and the teacher's attention over the same "
                 f"keys, but the student {getattr(cfg, 'MODEL_ID', '?')!r} uses "

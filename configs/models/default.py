@@ -26,6 +26,9 @@ class DefaultModelConfig:
         self.MODEL_LSTT_NUM = 1
         self.MODEL_EPSILON = 1e-5  # kept for compatibility; unused
         self.MODEL_USE_PREV_PROB = False
+        # Ours: long-term attention of the propagation layers, 'vanilla' (upstream) or
+        # 'deformable' (GDA; DeAOT models only, see default_deaot.py).
+        self.MODEL_LT_ATTENTION = 'vanilla'
 
         self.TRAIN_LONG_TERM_MEM_GAP = 9999
         self.TRAIN_AUG_TYPE = 'v1'

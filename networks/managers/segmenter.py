@@ -169,11 +169,10 @@ class VideoObjectSegmenter:
             self.cfg = cfg if cfg is not None else model.cfg
             self.load_report = None
             if ckpt_path:
-                from networks.models import GDA_NEW_KEY_PREFIXES
+                from networks.models import allowed_missing_prefixes
                 from utils.checkpoint import load_network
-                gda = getattr(self.cfg, 'MODEL_LT_ATTENTION', '') == 'deformable'
                 model, self.load_report = load_network(
-                    model, ckpt_path, allow_missing_prefixes=GDA_NEW_KEY_PREFIXES if gda else ())
+                    model, ckpt_path, allow_missing_prefixes=allowed_missing_prefixes(self.cfg))
             self.model = model.to(self.device).eval()
         else:
             from networks.models import load_vos_model

@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from dataloaders.train_datasets import build_train_dataset, validate_train_files, worker_init_fn
 from networks.encoders.pretrained import load_imagenet_weights
-from networks.models import GDA_NEW_KEY_PREFIXES, build_vos_model
+from networks.models import allowed_missing_prefixes, build_vos_model
 from utils.checkpoint import (CheckpointReadError, atomic_torch_save, checkpoint_path,
                               extract_state_dict, list_checkpoints, load_checkpoint_file,
                               load_network, prune_checkpoints, save_network)
@@ -417,9 +417,8 @@ class Trainer:
                     f'stage {cfg.STAGE_NAME} starts from a whole VOS model (PRETRAIN_FULL) but '
                     f'PRETRAIN_MODEL={path!r} does not exist; train the previous stage first, '
                     f'pass --pretrained_path, or --no_pretrain to start from random weights')
-            allow = GDA_NEW_KEY_PREFIXES \
-                if getattr(cfg, 'MODEL_LT_ATTENTION', '') == 'deformable' else ()
-            _, report = load_network(self.model, path, strict=True, allow_missing_prefixes=allow)
+            _, report = load_network(self.model, path, strict=True,
+                                     allow_missing_prefixes=allowed_missing_prefixes(cfg))
             self.log(f'Loaded the VOS model {path}'
                      + (f' ({len(report["new"])} new keys keep their init)' if report['new']
                         else ''))

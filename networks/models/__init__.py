@@ -13,6 +13,13 @@ _MODELS = {'aot': AOT, 'deaot': DeAOT}
 GDA_NEW_KEY_PREFIXES = ('long_term_attn.conv_offset',)
 
 
+def allowed_missing_prefixes(cfg):
+    """Key substrings a checkpoint for ``cfg``'s model may lack: a GDA student's offset
+    networks, which a vanilla DeAOT checkpoint does not have (they keep their init). The one
+    place this is decided; every loader asks here."""
+    return GDA_NEW_KEY_PREFIXES if cfg.MODEL_LT_ATTENTION == 'deformable' else ()
+
+
 def build_vos_model(name, cfg, **kwargs):
     try:
         cls = _MODELS[name]
@@ -44,9 +51,8 @@ def closest_model_ids(state):
                 own = build_vos_model(cfg.MODEL_VOS, cfg).state_dict()
         except Exception:  # a config that cannot be built here says nothing about the file
             continue
-        gda = getattr(cfg, 'MODEL_LT_ATTENTION', '') == 'deformable'
-        missing = [k for k in own if k not in state
-                   and not (gda and any(p in k for p in GDA_NEW_KEY_PREFIXES))]
+        allow = allowed_missing_prefixes(cfg)
+        missing = [k for k in own if k not in state and not any(p in k for p in allow)]
         unexpected = [k for k in state if k not in own]
         shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
         scores.append((len(missing) + len(unexpected) + len(shapes), model_id))
@@ -81,7 +87,7 @@ def load_vos_model(model_id='deaott', ckpt_path=None, device='cpu', cfg=None, st
     model = build_vos_model(cfg.MODEL_VOS, cfg)
     report = None
     if ckpt_path:
-        allow = GDA_NEW_KEY_PREFIXES if getattr(cfg, 'MODEL_LT_ATTENTION', '') == 'deformable' else ()
+        allow = allowed_missing_prefixes(cfg)
         import os
         from utils.checkpoint import CheckpointMismatchError, extract_state_dict, read_state_dict
         state = (read_state_dict(ckpt_path) if isinstance(ckpt_path, (str, os.PathLike))

@@ -28,7 +28,7 @@ class DeAOT(AOT):
         self._init_weight()
 
     def _build_propagation(self, cfg):
-        kind = getattr(cfg, 'MODEL_LT_ATTENTION', 'vanilla')
+        kind = cfg.MODEL_LT_ATTENTION
         args, kwargs = propagation_args(cfg)
         return DualBranchGPM(*args, **kwargs, lt_attention=kind,
                              gda=gda_kwargs(cfg) if kind == 'deformable' else None)
