@@ -298,9 +298,14 @@ class OnnxInferEngine:
     """``AOTInferEngine`` on the exported graphs: ``ceil(N / 10)`` sub-engines share the image
     encoding and are merged by the torch engine's soft aggregation."""
 
-    # The torch engine's own splitting and merging (they use only the attributes set below).
+    # The torch engine's own splitting, merging and per-frame fan-out over sub-engines (they
+    # use only the attributes set below and the sub-engines' engine methods).
     separate_mask = AOTInferEngine.separate_mask
     soft_logit_aggregation = AOTInferEngine.soft_logit_aggregation
+    match_propogate_one_frame = AOTInferEngine.match_propogate_one_frame
+    decode_current_logits = AOTInferEngine.decode_current_logits
+    update_memory = AOTInferEngine.update_memory
+    num_long_term_tokens = AOTInferEngine.num_long_term_tokens
 
     def __init__(self, student, long_term_mem_gap=9999, short_term_mem_skip=1,
                  max_long_term_frames=None):
@@ -331,23 +336,4 @@ class OnnxInferEngine:
                                        img_embs=img_embs)
             img_embs = engine.curr_enc_embs
         self.input_size_2d = self.aot_engines[0].input_size_2d
-
-    def match_propogate_one_frame(self, img=None):
-        img_embs = None
-        for engine in self.aot_engines:
-            engine.match_propogate_one_frame(img, img_embs=img_embs)
-            img_embs = engine.curr_enc_embs
-
-    def decode_current_logits(self, output_size=None):
-        return self.soft_logit_aggregation(
-            [engine.decode_current_logits(output_size) for engine in self.aot_engines])
-
-    def update_memory(self, curr_mask, skip_long_term_update=False):
-        masks, _ = self.separate_mask(curr_mask, self.obj_nums)
-        for engine, part in zip(self.aot_engines, masks):
-            engine.update_short_term_memory(part, skip_long_term_update=skip_long_term_update)
-
-    @property
-    def num_long_term_tokens(self):
-        return self.aot_engines[0].memory.num_long_term_tokens() if self.aot_engines else 0
 
