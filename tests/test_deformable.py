@@ -314,7 +314,9 @@ def test_attention_capture():
     with torch.no_grad():
         out_on, attn = m(Q, K, V, U, (h, w))
         _, Vs = m.sample_memory(K, V, m.sampling_positions(Q, (h, w)), (h, w))
-    torch.testing.assert_close(out_on, out_off, rtol=0, atol=0)
+    # Capturing takes the explicit softmax path (the map is wanted), the plain call the fused
+    # scaled_dot_product_attention: the same sums, up to float rounding.
+    torch.testing.assert_close(out_on, out_off, rtol=1e-5, atol=1e-6)
     n_keys = T * 3 * 3                                                  # ceil(5/2) * ceil(6/2)
     assert set(m.capture) == {'attn', 'id_out'}
     assert attn is m.capture['attn'] and attn.shape == (B, 1, h * w, n_keys)

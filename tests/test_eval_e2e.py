@@ -464,8 +464,8 @@ def test_new_object_count_keeps_unpredicted_highest_id(tmp_path, monkeypatch):
             refs.append((frame_step, list(obj_nums)))
             return add(img, mask, obj_nums, frame_step=frame_step)
 
-        def decode_current_logits(output_size=None):
-            logits = decode(output_size)
+        def decode_current_logits(output_size=None, live_only=False):
+            logits = decode(output_size)   # every channel: the check below reads channel 3
             step = engine.aot_engines[0].frame_step
             decoded.append((step, engine.obj_nums, float(logits[:, 3].max())))
             if step == 2:  # object 3 is not predicted at the annotated frame

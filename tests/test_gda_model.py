@@ -71,6 +71,13 @@ class _PooledMemoryAttention(torch.nn.Module):
 
         return self.attn(q, pool(k), pool(v), u, size_2d)
 
+    # The propagation layers' long-term protocol (prepared memory, then attend).
+    def prepare_memory(self, k, v, size_2d):
+        return k, v
+
+    def attend(self, q, mem, u, size_2d):
+        return self.forward(q, *mem, u, size_2d)
+
 
 def _run_clip(model, frames, mask, labels=None):
     """Eval engine over a clip; memory written from ``labels`` (or the model's own argmax).

@@ -36,6 +36,32 @@ pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 # helpers
 
 
+
+def record_long_term_inputs(module, sink):
+    """Append ``(Q, K, V, U, size_2d)`` of every long-term attention pass of ``module`` to
+    ``sink``, as the propagation layer feeds it: ``prepare_memory(K, V)`` once per memory
+    write, then ``attend(Q, prepared, U)`` per pass. Returns a function that undoes it.
+    """
+    prepared = {}
+    prepare, attend = module.prepare_memory, module.attend
+
+    def recording_prepare(K, V, size_2d):
+        mem = prepare(K, V, size_2d)
+        prepared[id(mem)] = (mem, K.detach().clone(), V.detach().clone())  # keeps ids unique
+        return mem
+
+    def recording_attend(Q, mem, U, size_2d):
+        _, K, V = prepared[id(mem)]
+        sink.append((Q.detach().clone(), K, V, U.detach().clone(), size_2d))
+        return attend(Q, mem, U, size_2d)
+
+    module.prepare_memory, module.attend = recording_prepare, recording_attend
+
+    def undo():
+        del module.prepare_memory, module.attend
+    return undo
+
+
 def kd_cfg(model_id='deaott_gda', **fields):
     cfg = build_config('kd_stage1', 'kdtest', model_id)
     cfg.TRAIN_LSTT_DROPPATH = 0.0  # keeps runs comparable without re-seeding drop-path
@@ -239,24 +265,20 @@ def test_loss_matches_a_float64_reference_over_valid_channels(student, teacher, 
                        KD_ATT_TENSOR=tensor, KD_LAMBDA=lam)
     d.train()
     # The attention the reference uses is recomputed in float64 from the inputs of the two
-    # long-term attentions (forward pre-hooks), not taken from the capture hook under test.
+    # long-term attentions (recorded as the layers feed them), not taken from the capture
+    # hook under test.
     t_attn = d.teacher.model.LSTT.layers[layer - 1].long_term_attn
     s_attn = d.model.LSTT.layers[d.settings.student_layer - 1].long_term_attn
     calls = {t_attn: [], s_attn: []}
-
-    def record(module, args):
-        calls[module].append(tuple(a.detach().clone() if torch.is_tensor(a) else a
-                                   for a in args))
-
-    hooks = [m.register_forward_pre_hook(record) for m in calls]
+    hooks = [record_long_term_inputs(m, calls[m]) for m in calls]
     # Sample 0: one object (no inter term); sample 1: three, object 3 absent from every frame.
     obj_nums = [1, 3]
     batch = make_batch(11, T=4, obj_nums=obj_nums, absent={(1, 3)})
     try:
         loss, logs, records = run(d, batch, return_frames=True)
     finally:
-        for h in hooks:
-            h.remove()
+        for undo in hooks:
+            undo()
     assert len(records) == 3
     for module, key in ((t_attn, 'teacher_attention'), (s_attn, 'student_attention')):
         assert len(calls[module]) == 4   # the reference pass, then frames 1..3
@@ -398,19 +420,13 @@ def test_teacher_layer_selection_is_one_based():
     batch = make_batch(9, T=3, obj_nums=[2, 1])
     frames, ref, obj_nums = clip_from_batch(batch)
 
-    # Reference, independent of the capture hook under test: drive the model by hand with
-    # forward pre-hooks recording every layer's long-term attention inputs, and recompute
-    # the attention map and the gated ID output from them in float64.
+    # Reference, independent of the capture hook under test: drive the model by hand,
+    # recording every layer's long-term attention inputs, and recompute the attention map
+    # and the gated ID output from them in float64.
     engine = build_engine('deaotengine', 'train', aot_model=model,
                           long_term_mem_gap=model.cfg.TRAIN_LONG_TERM_MEM_GAP)
-    inputs = [None] * 3
-
-    def recorder(i):
-        def hook(module, args):
-            inputs[i] = tuple(a.detach().clone() for a in args[:4])
-        return hook
-
-    hooks = [layer.long_term_attn.register_forward_pre_hook(recorder(i))
+    calls = [[] for _ in model.LSTT.layers]
+    hooks = [record_long_term_inputs(layer.long_term_attn, calls[i])
              for i, layer in enumerate(model.LSTT.layers)]
     expected = []
     try:
@@ -421,13 +437,13 @@ def test_teacher_layer_selection_is_one_based():
                                        img_embs=embs[0])
             for f in (1, 2):
                 engine.match_propogate_one_frame(img_embs=embs[f])
-                expected.append([ref_long_term_attention(layer.long_term_attn, *inputs[i])
+                expected.append([ref_long_term_attention(layer.long_term_attn, *calls[i][-1][:4])
                                  for i, layer in enumerate(model.LSTT.layers)])
                 engine.decode_current_logits()
                 engine.update_short_term_memory(engine.predict_current_mask())
     finally:
-        for h in hooks:
-            h.remove()
+        for undo in hooks:
+            undo()
 
     for k in (1, 2, 3):
         for tensor in ('id_out', 'attn'):

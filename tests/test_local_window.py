@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from networks.layers.local_window import (local_window_aggregate, local_window_logits,
+from networks.layers.local_window import (dense_window_aggregate, dense_window_logits,
+                                          local_window_aggregate, local_window_logits,
                                           window_valid_mask)
 
 
@@ -38,6 +39,9 @@ def test_matches_window_loops(h, w, m, dil, tile):
     torch.testing.assert_close(local_window_logits(q, k, m, dil, tile), _loop_logits(q, k, m, dil))
     torch.testing.assert_close(local_window_aggregate(a, v, m, dil, tile),
                                _loop_aggregate(a, v, m, dil))
+    # The upstream-style dense path (the benchmark's baseline) computes the same sums.
+    torch.testing.assert_close(dense_window_logits(q, k, m, dil), _loop_logits(q, k, m, dil))
+    torch.testing.assert_close(dense_window_aggregate(a, v, m, dil), _loop_aggregate(a, v, m, dil))
 
 
 def test_valid_mask_marks_in_image_positions():

@@ -253,10 +253,12 @@ class IdentityEngine:
     def match_propogate_one_frame(self, img):
         pass
 
-    def decode_current_logits(self, output_size):
-        label = F.interpolate(self.label, size=output_size, mode='nearest')[:, 0].long()
+    def decode_current_logits(self, output_size=None, live_only=False):
+        size = self.label.shape[-2:] if output_size is None else output_size
+        label = F.interpolate(self.label, size=size, mode='nearest')[:, 0].long()
         channels = 1 + 10 * max(1, -(-self.obj_nums // 10))
-        return 10. * F.one_hot(label, channels).permute(0, 3, 1, 2).float()
+        logits = 10. * F.one_hot(label, channels).permute(0, 3, 1, 2).float()
+        return logits[:, :1 + self.obj_nums] if live_only and channels == 11 else logits
 
     def update_memory(self, mask):
         self.label = mask.clone()

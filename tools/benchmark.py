@@ -6,12 +6,18 @@ input size and a long-term memory length (number of stored frames), e.g.::
     python tools/benchmark.py --model deaott --size 481 849 --lt_frames 1 5 20
     python tools/benchmark.py --model deaott_gda --gda_grid 1 2 4 --lt_frames 1 5 20
     python tools/benchmark.py --model deaott --local_impl dense   # upstream's local path
+    python tools/benchmark.py --vs-upstream-dense --threads 2     # ours vs upstream-style, per stage
 
 Each configuration runs in a fresh subprocess so that peak RSS (CPU) or
 ``torch.cuda.max_memory_allocated`` (CUDA) belongs to that configuration alone. The
 memory is filled with ``lt_frames`` stored frames first; the timed frames then propagate
 against it without adding more (``skip_long_term_update``), so every timed frame sees the
 same memory. Weights are random (speed does not depend on them).
+
+``--vs-upstream-dense`` runs the evaluator's per-frame loop (propagate, decode at the output
+size, softmax + argmax, memory update) for an upstream-style baseline and for ours in **one
+process, alternating frame by frame**, and prints FPS, the ratio to the baseline and a per-stage
+breakdown (tools/bench_vs_upstream.py; docs/benchmark.md has the figures).
 """
 import argparse
 import json
@@ -23,59 +29,24 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _dense_local_patch():
-    """Replace the tiled local-window primitives by upstream's pure-PyTorch path
-    (pad + unfold for the logits, a dense ``(L, (h+2m)(w+2m))`` matrix to aggregate),
-    written here only as a speed baseline."""
-    import torch
-    import torch.nn.functional as F
-    from networks.layers import attention, lstt
-
-    def logits(q, k, max_dis=7, dilation=1, tile=None):
-        N, d, h, w = q.shape
-        W = 2 * max_dis + 1
-        kp = F.unfold(F.pad(k, [max_dis * dilation] * 4), W, dilation=dilation)
-        return (q.reshape(N, d, 1, h * w) * kp.view(N, d, W * W, h * w)).sum(1).view(N, W * W, h, w)
-
-    def aggregate(attn, v, max_dis=7, dilation=1, tile=None):
-        N, c, h, w = v.shape
-        m = max_dis
-        W = 2 * m + 1
-        ph, pw = h + 2 * m, w + 2 * m
-        qy, qx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
-        d = torch.arange(-m, m + 1)
-        dy, dx = torch.meshgrid(d, d, indexing='ij')
-        cols = ((qy.reshape(-1, 1) + m + dy.reshape(1, -1)) * pw
-                + (qx.reshape(-1, 1) + m + dx.reshape(1, -1)))           # (L, W*W)
-        dense = attn.new_zeros(N, h * w, ph * pw)
-        dense.scatter_(2, cols.unsqueeze(0).expand(N, -1, -1).to(attn.device),
-                       attn.view(N, W * W, h * w).transpose(1, 2))
-        dense = dense.view(N, h * w, ph, pw)[:, :, m:m + h, m:m + w].reshape(N, h * w, h * w)
-        return (dense @ v.view(N, c, h * w).transpose(1, 2)).transpose(1, 2).view(N, c, h, w)
-
-    for module in (attention, lstt):
-        if hasattr(module, 'local_window_logits'):
-            module.local_window_logits = logits
-            module.local_window_aggregate = aggregate
-
-
 def run_one(args):
     import torch
     from configs.default import DefaultEngineConfig
     from networks.engines import build_engine
+    from networks.layers.attention_impl import set_attention_impl
     from networks.models import build_vos_model
     from utils.device import peak_memory_mb, peak_rss_mb
 
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.local_impl == 'dense':
-        _dense_local_patch()
     device = torch.device(args.device)
     cfg = DefaultEngineConfig('bench', args.model)
     if args.gda_grid is not None:
         cfg.MODEL_GDA_GRID = args.gda_grid
     model = build_vos_model(cfg.MODEL_VOS, cfg).to(device).eval()
+    if args.local_impl == 'dense':
+        set_attention_impl(model, local='dense')
     engine = build_engine(cfg.MODEL_ENGINE, 'eval', aot_model=model, long_term_mem_gap=1,
                           short_term_mem_skip=1)
     H, W = args.size
@@ -138,11 +109,19 @@ def parse_args(argv=None):
     p.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--threads', type=int, default=0)
     p.add_argument('--json', help='append results as JSON lines to this file')
+    p.add_argument('--vs-upstream-dense', dest='vs_upstream', action='store_true',
+                   help='ours vs an upstream-style baseline in one alternating run '
+                        '(tools/bench_vs_upstream.py; its flags follow)')
     p.add_argument('--_one', action='store_true', help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if '--vs-upstream-dense' in argv:
+        from tools import bench_vs_upstream
+        argv.remove('--vs-upstream-dense')
+        return bench_vs_upstream.main(argv)
     args = parse_args(argv)
     if args._one:
         args.model, args.lt_frames = args.model[0], args.lt_frames[0]

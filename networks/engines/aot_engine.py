@@ -25,6 +25,7 @@ from networks.layers.basic import seq_to_2d
 
 from .identity import generate_permute_matrix, one_hot_mask
 from .memory import VOSMemory
+from .postprocess import channel_argmax, resize_logits
 
 
 def split_frames(embs, batch_size):
@@ -210,9 +211,13 @@ class AOTEngine(nn.Module):
             enc, [self.memory.layer_long_term(i) for i in layers], self.memory.short_term,
             None, pos_emb=self.pos_emb, size_2d=self.enc_size_2d)
 
-    def decode_current_logits(self, output_size=None):
+    def decode_current_logits(self, output_size=None, live_only=False):
         """Decode the current frame: ``(B, 1+N, H/4, W/4)`` logits (or at ``output_size``),
-        with IDs un-shuffled and unused ID channels set to -1e10."""
+        with IDs un-shuffled and unused ID channels set to -1e10 (``N = MODEL_MAX_OBJ_NUM``).
+
+        ``live_only``: return only the ``1 + max(obj_nums)`` channels in use (see
+        :func:`resize_logits`); ``pred_id_logits`` keeps all channels either way.
+        """
         logits = self.AOT.decode_id_logits(self.curr_lstt_output[0], self.curr_enc_embs)
         if self.enable_id_shuffle:
             logits = torch.einsum('bohw,bto->bthw', logits, self.id_shuffle_matrix)
@@ -221,17 +226,14 @@ class AOTEngine(nn.Module):
         counts = torch.as_tensor(self.obj_nums, device=logits.device).view(-1, 1, 1, 1)
         logits = logits.masked_fill(ids > counts, _mask_value(logits.dtype))
         self.pred_id_logits = logits
-        if output_size is not None:
-            logits = F.interpolate(logits, size=output_size, mode='bilinear',
-                                   align_corners=self.align_corners)
-        return logits
+        return resize_logits(logits, output_size, self.obj_nums, self.align_corners, live_only)
 
     def predict_current_mask(self, output_size=None, return_prob=False):
         if output_size is None:
             output_size = self.input_size_2d
         logits = F.interpolate(self.pred_id_logits, size=output_size, mode='bilinear',
                                align_corners=self.align_corners)
-        mask = torch.argmax(logits, dim=1)
+        mask = channel_argmax(logits)
         if not return_prob:
             return mask
         return mask, torch.softmax(logits, dim=1)
@@ -468,7 +470,17 @@ class AOTInferEngine(nn.Module):
             if img_embs is None:
                 img_embs = engine.curr_enc_embs
 
-    def decode_current_logits(self, output_size=None):
+    def decode_current_logits(self, output_size=None, live_only=False):
+        """Merged logits of the sub-engines: ``(1, 1 + 10 * n_engines, ...)``.
+
+        ``live_only`` (see :func:`~networks.engines.postprocess.resize_logits`) applies to a
+        single sub-engine (up to 10 objects): ``(1, 1 + obj_nums, ...)``. With several, every
+        channel is kept: the soft aggregation clamps probabilities to ``[1e-5, 1 - 1e-5]``, so
+        unused channels carry a little probability mass, and upstream's probabilities
+        include it.
+        """
+        if len(self.aot_engines) == 1:
+            return self.aot_engines[0].decode_current_logits(output_size, live_only=live_only)
         return self.soft_logit_aggregation(
             [engine.decode_current_logits(output_size) for engine in self.aot_engines])
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basic import DWConv2d
-from .local_window import local_window_aggregate, local_window_logits, mask_out_of_image
+from .local_window import LOCAL_IMPLS, mask_out_of_image
 
 
 def _interleave_heads(x1, x2, num_head):
@@ -73,6 +73,8 @@ class GatedPropagation(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dw_conv = DWConv2d(self.expand_d_vu)
         self.projection = nn.Linear(self.expand_d_vu, d_vu)
+        # 'sdpa' (fused) or 'explicit' (softmax map then matmul, as upstream).
+        self.global_impl = 'sdpa'
         # Set to a dict to receive {'attn': (B, H, L, N), 'id_out': (B, L, E/2)} (gated).
         self.capture: Optional[dict] = None
         self._init_weight()
@@ -89,6 +91,16 @@ class GatedPropagation(nn.Module):
         V = F.silu(_interleave_heads(self.linear_V1(V1), self.linear_V2(V2), self.num_head))
         U = F.silu(_interleave_heads(self.linear_U1(U1), self.linear_U2(U2), self.num_head))
         return Q, Q, V, U
+
+    def prepare_memory(self, K, V, size_2d):
+        """Long-term memory in the form :meth:`attend` reads: ``(K, V)`` as they are (the
+        deformable attention has a layout of its own; the layers call both alike)."""
+        return K, V
+
+    def attend(self, Q, mem, U, size_2d):
+        """:meth:`forward` over :meth:`prepare_memory`'s output."""
+        K, V = mem
+        return self.forward(Q, K, V, U, size_2d)
 
     def forward(self, Q, K, V, U, size_2d):
         """
@@ -107,7 +119,8 @@ class GatedPropagation(nn.Module):
         k = K.view(-1, B, H, self.d_att).permute(1, 2, 0, 3)         # (B, H, N, d)
         v = V.view(-1, B, H, self.hidden_dim).permute(1, 2, 0, 3)    # (B, H, N, c)
         attn = None
-        if self.capture is not None or (self.training and self.dropout.p > 0):
+        if (self.capture is not None or (self.training and self.dropout.p > 0)
+                or self.global_impl == 'explicit'):
             attn = torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
             out = self.dropout(attn) @ v
         else:
@@ -146,6 +159,9 @@ class LocalGatedPropagation(nn.Module):
         self.relative_emb_k = nn.Conv2d(d_middle, num_head * self.window_size ** 2,
                                         kernel_size=1, groups=num_head)
         self.dropout = nn.Dropout(dropout)
+        # 'tiled' (ours) or 'dense' (upstream's fallback, the benchmark's baseline):
+        # networks/layers/attention_impl.py switches it for a whole model.
+        self.local_impl = 'tiled'
         self.dw_conv = DWConv2d(self.expand_d_vu)
         self.projection = nn.Linear(self.expand_d_vu, d_vu)
 
@@ -169,12 +185,13 @@ class LocalGatedPropagation(nn.Module):
                 u = u.flatten(2).permute(2, 0, 1)
         W2 = self.window_size ** 2
         rel = self.relative_emb_k(q).view(B * H, W2, h, w)
-        logits = local_window_logits((q * self.scale).reshape(B * H, self.d_att, h, w),
+        window_logits, window_aggregate = LOCAL_IMPLS[self.local_impl]
+        logits = window_logits((q * self.scale).reshape(B * H, self.d_att, h, w),
                                      k.reshape(B * H, self.d_att, h, w),
                                      self.max_dis, self.dilation)
         logits = mask_out_of_image(logits + rel, self.max_dis, self.dilation)
         attn = self.dropout(torch.softmax(logits, dim=1))           # (B*H, W2, h, w)
-        out = local_window_aggregate(attn, v.reshape(B * H, self.hidden_dim, h, w),
+        out = window_aggregate(attn, v.reshape(B * H, self.hidden_dim, h, w),
                                      self.max_dis, self.dilation)   # (B*H, c, h, w)
         out = out.reshape(B, self.expand_d_vu, h * w).permute(2, 0, 1)
         out = self.dw_conv(out * u, size_2d)

@@ -17,7 +17,10 @@ def seq_to_2d(x, size_2d):
 def map_to_seq(x):
     """``(B, C, h, w)`` map -> ``(h*w, B, C)`` tokens."""
     B, C, h, w = x.shape
-    return x.view(B, C, h * w).permute(2, 0, 1)
+    # Contiguous: a Linear on the permuted view falls, under CPU bf16 autocast, into a batched
+    # matmul over an L-times expanded weight (seconds per frame at 480p); in fp32 the matmul
+    # made this same copy itself.
+    return x.reshape(B, C, h * w).permute(2, 0, 1).contiguous()
 
 
 class DWConv2d(nn.Module):
@@ -37,7 +40,7 @@ class DWConv2d(nn.Module):
         L, B, C = x.shape
         x2d = x.view(h, w, B, C).permute(2, 3, 0, 1)
         x2d = self.dropout(self.conv(x2d))
-        return x2d.reshape(B, C, L).permute(2, 0, 1)
+        return map_to_seq(x2d)   # contiguous, see map_to_seq
 
 
 class GroupNorm1D(nn.Module):

@@ -136,6 +136,7 @@ class GatedDeformableAttention(nn.Module):
 
         # Distillation tap; see the module docstring for the contract.
         self.capture: Optional[dict] = None
+        self.global_impl = 'sdpa'  # or 'explicit': networks/layers/attention_impl.py
 
     def reset_offset_parameters(self):
         """Zero the offset network's last conv, so the module starts as plain grid sampling.
@@ -177,36 +178,50 @@ class GatedDeformableAttention(nn.Module):
             delta = raw * (2.0 / cells)
         return (ref + delta).clamp(-1.0, 1.0)
 
-    def sample_memory(self, K, V, pos, size_2d):
-        """Re-sample every memory frame's K, visual V and ID V at the groups' positions.
+    def prepare_memory(self, K, V, size_2d):
+        """The memory in the layout :meth:`sample_prepared` reads; depends on the memory only.
 
         Args:
             K: ``(T*L, B, d_middle)`` memory keys, frame-major, each frame row-major over ``size_2d``.
             V: ``(T*L, B, E)`` memory values ``[visual (E/2) | ID (E/2)]``.
-            pos: ``(B, S, H_g, W_g, 2)`` from :meth:`sampling_positions`.
         Returns:
-            ``K_s (B, d_middle, T*N)`` and ``V_s (B, E, T*N)`` with ``N = H_g * W_g``; keys are
-            frame-major then row-major over the key grid; channels keep their original order.
+            ``(B*T*S, ck + 2 cv, h, w)`` in channels-last memory order: per (sample, frame,
+            group) the group's key, visual-value and ID-value channels side by side. The
+            positions change every frame, this layout does not: the propagation layers cache
+            it with the memory (:meth:`MemoryEntry.derived`), so a long-term frame is rearranged
+            once per write instead of once per frame. Channels-last also makes ``grid_sample``
+            ~3x faster on CPU (each bilinear tap reads one contiguous run of channels).
         """
         h, w = size_2d
         L = h * w
         B = K.shape[1]
         T = K.shape[0] // L
         S, ck, cv = self.groups, self.group_k, self.group_v
-        H_g, W_g = pos.shape[2], pos.shape[3]
-        N = H_g * W_g
-
-        # One grid_sample for everything: (B, T, S, ck + 2 cv, h, w), groups and frames in the batch.
-        k = K.view(T, h, w, B, S, ck).permute(3, 0, 4, 5, 1, 2)
+        k = K.view(T, h, w, B, S, ck)
         v = V.view(T, h, w, B, 2, S, cv)
-        v_vis = v[:, :, :, :, 0].permute(3, 0, 4, 5, 1, 2)
-        v_id = v[:, :, :, :, 1].permute(3, 0, 4, 5, 1, 2)
-        mem = torch.cat((k, v_vis, v_id), dim=3).reshape(B * T * S, ck + 2 * cv, h, w)
+        mem = torch.cat((k, v[:, :, :, :, 0], v[:, :, :, :, 1]), dim=-1)   # (T, h, w, B, S, C)
+        mem = mem.permute(3, 0, 4, 1, 2, 5).reshape(B * T * S, h, w, ck + 2 * cv)
+        return mem.permute(0, 3, 1, 2)                                  # (B*T*S, C, h, w) view
 
+    def sample_prepared(self, mem, pos):
+        """Re-sample every memory frame's K, visual V and ID V at the groups' positions.
+
+        Args:
+            mem: from :meth:`prepare_memory`.
+            pos: ``(B, S, H_g, W_g, 2)`` from :meth:`sampling_positions`.
+        Returns:
+            ``K_s (B, d_middle, T*N)`` and ``V_s (B, E, T*N)`` with ``N = H_g * W_g``; keys are
+            frame-major then row-major over the key grid; channels keep their original order.
+        """
+        S, ck, cv = self.groups, self.group_k, self.group_v
+        B, _, H_g, W_g, _ = pos.shape
+        T = mem.shape[0] // (B * S)
+        N = H_g * W_g
+        # One grid_sample for everything: groups and frames in the batch.
         grid = pos.unsqueeze(1).expand(B, T, S, H_g, W_g, 2).reshape(B * T * S, H_g, W_g, 2)
         out = F.grid_sample(mem, grid.to(mem.dtype), mode='bilinear', padding_mode='border',
                             align_corners=False)
-        out = out.view(B, T, S, ck + 2 * cv, N)
+        out = out.reshape(B, T, S, ck + 2 * cv, N)
         k_s, vis_s, id_s = out.split((ck, cv, cv), dim=3)
 
         def regroup(x, c):  # (B, T, S, c, N) -> (B, S*c, T*N): channel s*c + i, key t*N + n
@@ -215,6 +230,10 @@ class GatedDeformableAttention(nn.Module):
         K_s = regroup(k_s, ck)
         V_s = torch.cat((regroup(vis_s, cv), regroup(id_s, cv)), dim=1)
         return K_s, V_s
+
+    def sample_memory(self, K, V, pos, size_2d):
+        """:meth:`sample_prepared` of :meth:`prepare_memory` (shapes there)."""
+        return self.sample_prepared(self.prepare_memory(K, V, size_2d), pos)
 
     def forward(self, Q, K, V, U, size_2d):
         """Gated attention of the current frame over deformed long-term memory.
@@ -230,30 +249,38 @@ class GatedDeformableAttention(nn.Module):
             a dict, else ``None``.
         """
         h, w = size_2d
-        L, B, _ = Q.shape
+        L = Q.shape[0]
         if L != h * w or K.shape[0] % L or V.shape[0] != K.shape[0] or U.shape[0] != L:
             raise ValueError(
                 f'GatedDeformableAttention: expected Q/U with h*w={h * w} tokens and K/V with a '
                 f'multiple of it, got Q {tuple(Q.shape)}, K {tuple(K.shape)}, V {tuple(V.shape)}, '
                 f'U {tuple(U.shape)}')
+        return self.attend(Q, self.prepare_memory(K, V, size_2d), U, size_2d)
 
+    def attend(self, Q, mem, U, size_2d):
+        """:meth:`forward` over memory already in :meth:`prepare_memory`'s layout."""
+        L, B, _ = Q.shape
         pos = self.sampling_positions(Q, size_2d)
-        K_s, V_s = self.sample_memory(K, V, pos, size_2d)
+        K_s, V_s = self.sample_prepared(mem, pos)
         n_keys = K_s.shape[-1]
 
-        q = (Q / math.sqrt(self.d_att)).view(L, B, self.num_head, self.d_att).permute(1, 2, 0, 3)
-        k = K_s.view(B, self.num_head, self.d_att, n_keys)
+        q = Q.view(L, B, self.num_head, self.d_att).permute(1, 2, 0, 3)   # (B, heads, L, d)
+        k = K_s.view(B, self.num_head, self.d_att, n_keys).transpose(-1, -2)
         v = V_s.view(B, self.num_head, self.hidden_dim, n_keys).transpose(-1, -2)
-
-        attn = torch.softmax(q @ k, dim=-1)                           # (B, heads, L, N_keys)
-        out = self.dropout(attn) @ v                                  # (B, heads, L, hidden)
+        attn = None
+        if (self.capture is not None or (self.training and self.dropout.p > 0)
+                or self.global_impl == 'explicit'):
+            logits = (q / math.sqrt(self.d_att)) @ k.transpose(-1, -2)
+            attn = torch.softmax(logits, dim=-1)                           # (B, heads, L, N)
+            out = self.dropout(attn) @ v                                   # (B, heads, L, hidden)
+        else:
+            # Same sums without the (L, N_keys) map (fused kernels where available).
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(self.d_att))
         out = out.permute(2, 0, 1, 3).reshape(L, B, self.expand_d) * U
 
         if self.capture is not None:
             self.capture['attn'] = attn
             self.capture['id_out'] = out[..., self.expand_d // 2:].transpose(0, 1)
-        else:
-            attn = None
 
         out = self.projection(self.dw_conv(out, size_2d))
         return out, attn

@@ -140,3 +140,50 @@ def local_window_aggregate(attn, v, max_dis=7, dilation=1, tile=DEFAULT_TILE):
     vt = _tiles(v, tile, R)                                   # (N*nT, c, P)
     out = torch.bmm(dense, vt.transpose(1, 2))                # (N*nT, t*t, c)
     return _untile(out, N, h, w, tile)
+
+
+# -- upstream-style dense path (the speed baseline; also checked against the direct sums) -------
+
+def dense_window_logits(q, k, max_dis=7, dilation=1):
+    """:func:`local_window_logits` the way upstream's pure-PyTorch fallback computes it: the
+    keys are padded and unfolded into every query's full ``W*W`` window at once
+    (``(N, d, W*W, h*w)`` in memory). Kept as the baseline of ``tools/benchmark.py
+    --vs-upstream-dense``; same results up to float rounding."""
+    N, d, h, w = q.shape
+    W = 2 * max_dis + 1
+    R = max_dis * dilation
+    windows = F.unfold(F.pad(k, [R] * 4), W, dilation=dilation).view(N, d, W * W, h * w)
+    return (q.reshape(N, d, 1, h * w) * windows).sum(1).view(N, W * W, h, w)
+
+
+@_cached_constant
+def _dense_window_columns(h, w, max_dis, dilation):
+    """``(h*w, W*W)`` flat positions of every query's window inside the padded map."""
+    R = max_dis * dilation
+    pw = w + 2 * R
+    qy, qx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    d = torch.arange(-max_dis, max_dis + 1) * dilation
+    dy, dx = torch.meshgrid(d, d, indexing='ij')
+    return ((qy.reshape(-1, 1) + R + dy.reshape(1, -1)) * pw
+            + (qx.reshape(-1, 1) + R + dx.reshape(1, -1)))
+
+
+def dense_window_aggregate(attn, v, max_dis=7, dilation=1):
+    """:func:`local_window_aggregate` the way upstream's fallback does it: the window weights
+    are scattered into a dense ``(h*w, (h+2R)(w+2R))`` matrix per head, cropped to the image
+    and multiplied with the values (``L x L`` in memory)."""
+    N, c, h, w = v.shape
+    R = max_dis * dilation
+    ph, pw = h + 2 * R, w + 2 * R
+    W2 = attn.shape[1]
+    cols = _dense_window_columns(h, w, max_dis, dilation).to(attn.device)
+    dense = attn.new_zeros(N, h * w, ph * pw)
+    dense.scatter_(2, cols.unsqueeze(0).expand(N, -1, -1), attn.view(N, W2, h * w).transpose(1, 2))
+    dense = dense.view(N, h * w, ph, pw)[:, :, R:R + h, R:R + w].reshape(N, h * w, h * w)
+    return (dense @ v.view(N, c, h * w).transpose(1, 2)).transpose(1, 2).view(N, c, h, w)
+
+
+LOCAL_IMPLS = {
+    'tiled': (local_window_logits, local_window_aggregate),
+    'dense': (dense_window_logits, dense_window_aggregate),
+}

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .basic import DropPath, GNActDWConv2d, layer_drop_path_rate, map_to_seq, seq_to_2d
-from .local_window import local_window_aggregate, local_window_logits, mask_out_of_image
+from .local_window import LOCAL_IMPLS, mask_out_of_image
 from .memory_entry import MemoryEntry
 
 
@@ -63,6 +63,7 @@ class MultiheadAttention(nn.Module):
             self.linear_V = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
         self.projection = nn.Linear(d_model, d_model)
+        self.global_impl = 'sdpa'  # or 'explicit': networks/layers/attention_impl.py
         _xavier_init(self)
 
     def forward(self, Q, K, V, need_weights=False):
@@ -81,7 +82,7 @@ class MultiheadAttention(nn.Module):
         k = K.view(-1, B, H, c).permute(1, 2, 0, 3)                # (B, H, Lk, c)
         v = V.view(-1, B, H, c).permute(1, 2, 0, 3)                # (B, H, Lk, c)
         attn = None
-        if need_weights:
+        if need_weights or self.global_impl == 'explicit':
             attn = self.dropout(torch.softmax(q @ k.transpose(-2, -1), dim=-1))
             out = attn @ v
         else:
@@ -117,6 +118,7 @@ class MultiheadLocalAttention(nn.Module):
         # Upstream starts it at zero; the owning block's xavier init then overwrites it.
         self.relative_emb_v = nn.Parameter(torch.zeros(num_head, self.head_dim, W2))
         self.dropout = nn.Dropout(dropout)
+        self.local_impl = 'tiled'  # or 'dense': networks/layers/attention_impl.py
         self.projection = nn.Linear(d_model, d_model)
 
     def forward(self, q, k, v, need_weights=False):
@@ -131,11 +133,12 @@ class MultiheadLocalAttention(nn.Module):
         H, c = self.num_head, self.head_dim
         W2 = self.window_size ** 2
         rel_k = self.relative_emb_k(q).view(B * H, W2, h, w)
-        logits = local_window_logits((q / self.T).reshape(B * H, c, h, w),
+        window_logits, window_aggregate = LOCAL_IMPLS[self.local_impl]
+        logits = window_logits((q / self.T).reshape(B * H, c, h, w),
                                      k.reshape(B * H, c, h, w), self.max_dis, self.dilation)
         logits = mask_out_of_image(logits + rel_k, self.max_dis, self.dilation)
         attn = self.dropout(torch.softmax(logits, dim=1))              # (B*H, W2, h, w)
-        out = local_window_aggregate(attn, v.reshape(B * H, c, h, w),
+        out = window_aggregate(attn, v.reshape(B * H, c, h, w),
                                      self.max_dis, self.dilation)      # (B*H, c, h, w)
         # Relative value term: sum_n attn[n] * relative_emb_v[g, :, n].
         attn5 = attn.view(B, H, W2, h, w)

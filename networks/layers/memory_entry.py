@@ -3,8 +3,8 @@
 The layers produce and read it; the engines' :class:`~networks.engines.memory.VOSMemory`
 keeps lists of them. It lives here, below the engines, so the layers need not import them.
 """
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -23,6 +23,21 @@ class MemoryEntry:
     key: Tensor
     value: Tensor
     id_value: Optional[Tensor] = None
+    # Tensors derived from the fields (e.g. the long-term attention's prepared layout), kept
+    # as long as the entry: the engine's memory re-uses one concatenated entry until the next
+    # write, so a layout built here is built once per write instead of once per frame.
+    _derived: Dict[str, object] = field(default_factory=dict, init=False, repr=False,
+                                        compare=False)
+
+    def derived(self, name: str, build: Callable[['MemoryEntry'], object]):
+        """``build(self)``, computed on the first call for ``name`` and returned afterwards.
+
+        The fields must not change in place after the first call (nothing in the project
+        does: memory writes make new entries).
+        """
+        if name not in self._derived:
+            self._derived[name] = build(self)
+        return self._derived[name]
 
     def map(self, fn):
         return MemoryEntry(*(None if t is None else fn(t)

@@ -90,6 +90,10 @@ class GatedPropagationModule(nn.Module):
             id_v = F.silu(self.linear_ID_V(torch.cat([curr.id_value, id_emb], dim=2)))
         return MemoryEntry(curr.key, curr.value, id_v)
 
+    def _prepare_long_term(self, entry: MemoryEntry, size_2d):
+        values = torch.cat([entry.value, entry.id_value], dim=-1)      # (N, B, E) [visual | ID]
+        return self.long_term_attn.prepare_memory(entry.key, values, size_2d)
+
     def forward(self, tgt, tgt_id=None, long_term_memory: Optional[MemoryEntry] = None,
                 short_term_memory: Optional[MemoryEntry] = None, curr_id_emb=None,
                 self_pos=None, size_2d=(30, 30)):
@@ -126,9 +130,13 @@ class GatedPropagationModule(nn.Module):
             long_term_memory = ref
             short_term_memory = ref.map(lambda t: seq_to_2d(t, size_2d))
 
-        lt_v = torch.cat([long_term_memory.value, long_term_memory.id_value], dim=-1)
+        # The long-term memory changes only when a frame is written; its attention-ready form
+        # ([visual | ID] values side by side, GDA's sampling layout) is built once per write
+        # and kept with the engine's concatenated entry.
+        lt_mem = long_term_memory.derived(f'long_term_attn{tuple(size_2d)}',
+                                          lambda e: self._prepare_long_term(e, size_2d))
         st_v = torch.cat([short_term_memory.value, short_term_memory.id_value], dim=1)
-        lt_out, _ = self.long_term_attn(q, long_term_memory.key, lt_v, gate, size_2d)
+        lt_out, _ = self.long_term_attn.attend(q, lt_mem, gate, size_2d)
         st_out, _ = self.short_term_attn(seq_to_2d(q, size_2d), short_term_memory.key, st_v,
                                          gate, size_2d)
         lt_vis, lt_id = torch.split(lt_out, self.d_model, dim=-1)

@@ -75,6 +75,7 @@ from dataloaders.eval_datasets import (DAVIS_Test, YOUTUBEVOS_DenseTest, YOUTUBE
                                        CustomTest)
 from dataloaders.eval_transforms import build_eval_transform
 from networks.engines import build_engine
+from networks.engines.postprocess import channel_argmax
 from utils.checkpoint import checkpoint_path, latest_checkpoint
 from utils.image import save_mask
 from utils.device import peak_memory_mb, resolve_device
@@ -578,10 +579,14 @@ class Evaluator:
         """
         cfg = self.cfg
         probs = []
+        # Labels need only the channels of live objects (bit-identical labels, ~5x less
+        # resizing and softmax at 480p: resize_logits); memory written from probabilities
+        # (MODEL_USE_PREV_PROB) takes every ID channel, as upstream.
+        live_only = not cfg.MODEL_USE_PREV_PROB
         with self._autocast():
             for engine, img, flipped in zip(engines, imgs, flips):
                 engine.match_propogate_one_frame(img)
-                logits = engine.decode_current_logits(out_size)
+                logits = engine.decode_current_logits(out_size, live_only=live_only)
                 if flipped:  # back to the frame's orientation before the softmax
                     logits = logits.flip(-1)
                 probs.append(torch.softmax(logits.float(), dim=1))
@@ -589,9 +594,11 @@ class Evaluator:
         if given is None and any(lab is not None for lab in labels):
             given = next(lab for lab in labels if lab is not None).flip(-1)
 
-        pred_prob = torch.stack(probs).mean(0)
-        pred_label = torch.argmax(pred_prob, dim=1, keepdim=True).float()
-        aug_labels = [torch.argmax(p, dim=1, keepdim=True).float() for p in probs]
+        aug_labels = [channel_argmax(p, keepdim=True).float() for p in probs]
+        if len(probs) == 1:  # the mean of one is itself: no second argmax
+            pred_label = aug_labels[0]
+        else:
+            pred_label = channel_argmax(torch.stack(probs).mean(0), keepdim=True).float()
 
         def own_view(x, flipped, engine):
             return _resize_nearest(x.flip(-1) if flipped else x, engine.input_size_2d)
@@ -609,7 +616,7 @@ class Evaluator:
                     lab = own_view(lab, flipped, engine)
                     engine.add_reference_frame(img, lab, obj_nums=new_obj_nums,
                                                frame_step=frame_idx)
-                    engine.decode_current_logits(out_size)
+                    engine.decode_current_logits()  # upstream resizes it and discards it
                     engine.update_memory(lab)
             elif cfg.MODEL_USE_PREV_PROB:
                 for engine, prob, flipped in zip(engines, probs, flips):

@@ -17,9 +17,8 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 
-from networks.engines.aot_engine import AOTInferEngine, _mask_value
+from networks.engines.aot_engine import AOTInferEngine, _mask_value, resize_logits
 from networks.engines.memory import MemoryEntry, VOSMemory
 from networks.engines.onnx_graphs import FIELDS as _ENTRY_FIELDS
 from networks.engines.onnx_graphs import (FORMAT_VERSION, META_PREFIX, ROLES, GraphLayout,
@@ -261,7 +260,7 @@ class OnnxEngine:
         self.curr = _entries(out, 'curr', self.layout.curr_fields)
         self.raw_logits = out['logits']
 
-    def decode_current_logits(self, output_size=None):
+    def decode_current_logits(self, output_size=None, live_only=False):
         """As ``AOTEngine.decode_current_logits``: ``(1, 1+N, H/4, W/4)`` logits (or at
         ``output_size``), ID channels above the object count at -1e10."""
         logits = self.raw_logits
@@ -269,10 +268,7 @@ class OnnxEngine:
         counts = torch.as_tensor(self.obj_nums).view(-1, 1, 1, 1)
         logits = logits.masked_fill(ids > counts, _mask_value(logits.dtype))
         self.pred_id_logits = logits
-        if output_size is not None:
-            logits = F.interpolate(logits, size=output_size, mode='bilinear',
-                                   align_corners=self.align_corners)
-        return logits
+        return resize_logits(logits, output_size, self.obj_nums, self.align_corners, live_only)
 
     def update_short_term_memory(self, curr_mask, curr_id_emb=None,
                                  skip_long_term_update=False):

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 from dataloaders.eval_transforms import MultiRestrictSize, MultiToTensor
 from networks.engines import build_engine
+from networks.engines.postprocess import channel_argmax
 from networks.models.zoo import DEFAULT_MODEL, PRETRAIN_DIR, expected_files, find_checkpoint
 from utils.device import resolve_device
 
@@ -488,13 +489,14 @@ class VideoObjectSegmenter:
                 prob = F.one_hot(label, len(self._engine_to_user)).permute(2, 0, 1)[None].float()
             else:
                 self.engine.match_propogate_one_frame(img)
-                logits = self.engine.decode_current_logits(size).float()
+                # Live channels only: labels and probabilities as with all 11, less to resize.
+                logits = self.engine.decode_current_logits(size, live_only=True).float()
                 if self._removed:
                     removed = torch.as_tensor(self._removed, device=logits.device)
                     logits = logits.index_fill(1, removed, float('-inf'))
                 prob = torch.softmax(logits, dim=1)
                 if prompt is None:
-                    label = torch.argmax(prob, dim=1)[0]
+                    label = channel_argmax(prob)[0]
                     self.engine.update_memory(
                         F.interpolate(label[None, None].float(), size=in_size, mode='nearest'))
                 else:
@@ -530,11 +532,11 @@ class VideoObjectSegmenter:
         prob = prob.index_fill(1, named, 0.)
         one_hot = F.one_hot(gt[:, 0].long(), prob.shape[1]).permute(0, 3, 1, 2).to(prob.dtype)
         prob = torch.where(fg[:, None], one_hot, prob)
-        label = torch.argmax(prob, dim=1)[0]
+        label = channel_argmax(prob)[0]
         label_in = F.interpolate(label[None, None].float(), size=in_size, mode='nearest')
         self.engine.add_reference_frame(img, label_in, obj_nums=[n_ids - 1],
                                         frame_step=index - self._ref_frame)
-        self.engine.decode_current_logits(tuple(prompt.shape))
+        self.engine.decode_current_logits()  # state as upstream, without its discarded resize
         self.engine.update_memory(label_in)
         return label, prob
 
