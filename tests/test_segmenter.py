@@ -147,7 +147,7 @@ def evaluator_step_loop(model, frames, prompts, gap):
     from networks.managers.evaluator import Evaluator
     cfg = model.cfg
     ev = Evaluator.__new__(Evaluator)  # only what step() reads; no dataset needed
-    ev.cfg, ev.amp, ev.device = cfg, False, torch.device('cpu')
+    ev.cfg, ev.amp, ev.amp_dtype, ev.device = cfg, False, torch.float32, torch.device('cpu')
     resize = MultiRestrictSize(None, 1040., False, [1.], cfg.MODEL_ALIGN_CORNERS)
     obj_idx = [0]
     for t in sorted(prompts):

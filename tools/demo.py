@@ -91,6 +91,9 @@ def build_parser():
                    '(default: cuda when available)')
     p.add_argument('--amp', action='store_true',
                    help='autocast: float16 on CUDA, bfloat16 on CPU')
+    p.add_argument('--precision', default='', choices=('', 'fp32', 'bf16', 'fp16'),
+                   help='compute dtype (default fp32; bf16 is the CPU fast path, '
+                        'docs/benchmark.md); overrides --amp')
     p.add_argument('--max_memory_frames', type=int, default=8,
                    help='cap on long-term memory frames, reference frames kept (0: unbounded)')
     p.add_argument('--max_resolution', type=float, default=480 * 1.3,
@@ -248,7 +251,8 @@ def run(args):
     torch.manual_seed(0)  # untrained runs give the same masks every time
     try:
         seg = VideoObjectSegmenter(
-            args.model, ckpt_path=ckpt or None, device=device, amp=args.amp, cfg=cfg,
+            args.model, ckpt_path=ckpt or None, device=device, amp=args.amp,
+            dtype=args.precision or None, cfg=cfg,
             max_memory_frames=args.max_memory_frames if args.max_memory_frames > 0 else None,
             long_term_mem_gap=args.lt_gap if args.lt_gap > 0 else None,
             max_resolution=args.max_resolution, return_probs=False,
@@ -352,7 +356,7 @@ def _segment_into(args, seg, source, masks, objects, seq, ckpt, gt_dir, staging,
         'checkpoint': os.path.abspath(ckpt) if ckpt else None,
         'weights_trained': bool(ckpt),
         'device': str(seg.device),
-        'amp': bool(args.amp),
+        'amp': bool(args.amp), 'precision': args.precision or ('amp' if args.amp else 'fp32'),
         'dtype': str(seg.dtype).replace('torch.', ''),
         'backend': getattr(seg, 'backend', 'torch'),
         'max_memory_frames': seg.max_memory_frames,

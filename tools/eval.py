@@ -48,7 +48,11 @@ def build_parser():
     p.add_argument('--flip', action='store_true')
     p.add_argument('--ms', nargs='+', type=float, default=[1.])
     p.add_argument('--max_resolution', type=float, default=480 * 1.3)
-    p.add_argument('--amp', action='store_true')
+    p.add_argument('--amp', action='store_true',
+                   help='autocast: bf16 on CPU, fp16 on CUDA (same as --precision bf16 / fp16)')
+    p.add_argument('--precision', default='', choices=('', 'fp32', 'bf16', 'fp16'),
+                   help='compute dtype (default fp32, exact; bf16 is the CPU fast path, '
+                        'docs/benchmark.md); overrides --amp')
     p.add_argument('--data_path', type=str, default='',
                    help='datasets root (holding DAVIS/ and YTB/) or the dataset folder itself')
     p.add_argument('--result_path', type=str, default='',
@@ -128,7 +132,7 @@ def main(argv=None):
     try:
         cfg = config_from_args(args)
         device = resolve_device(args.device)
-        run_evaluation(cfg, device=device, amp=args.amp,
+        run_evaluation(cfg, device=device, amp=args.precision or args.amp,
                        workers=args.workers if args.workers >= 0 else None,
                        overwrite=args.overwrite)
     except (FileNotFoundError, ValueError, CheckpointMismatchError, CheckpointReadError) as exc:

@@ -43,3 +43,31 @@ def peak_memory_mb(device):
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return peak_rss_mb()
+
+
+PRECISIONS = {'float32': torch.float32, 'fp32': torch.float32,
+              'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16,
+              'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
+
+
+def resolve_precision(dtype=None, amp=False, device='cpu'):
+    """The compute dtype of an inference run: ``torch.float32`` (exact, the default),
+    ``torch.bfloat16`` or ``torch.float16`` (run under ``torch.autocast``).
+
+    ``dtype``: a name (``'fp32'``, ``'bf16'``, ``'fp16'``, ...) or a torch dtype; it wins over
+    ``amp``. ``amp=True``: the usual autocast dtype of the device: bf16 on CPU (fp16 matmuls are
+    slow there; this CPU has AVX512-BF16), fp16 on CUDA (what upstream's ``--amp`` uses).
+    """
+    device = torch.device(device)
+    if dtype is None:
+        if not amp:
+            return torch.float32
+        return torch.float16 if device.type == 'cuda' else torch.bfloat16
+    if isinstance(dtype, str):
+        try:
+            dtype = PRECISIONS[dtype.lower()]
+        except KeyError:
+            raise ValueError(f'precision {dtype!r}: use fp32, bf16 or fp16') from None
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f'precision {dtype}: use torch.float32, torch.float16 or torch.bfloat16')
+    return dtype

@@ -78,7 +78,7 @@ from networks.engines import build_engine
 from networks.engines.postprocess import channel_argmax
 from utils.checkpoint import checkpoint_path, latest_checkpoint
 from utils.image import save_mask
-from utils.device import peak_memory_mb, resolve_device
+from utils.device import peak_memory_mb, resolve_device, resolve_precision
 from utils.io import atomic_write, atomic_write_json, file_sha256
 from utils.metrics import evaluate_davis
 
@@ -230,7 +230,9 @@ class Evaluator:
         seq_queue: multi-process runs: a queue of sequence indices ended by ``'END'``. Without
             it, :meth:`evaluating` does every unfinished sequence and then finalises the run.
         device: ``'cuda'``, ``'cpu'`` or a ``torch.device``; default CUDA when available.
-        amp: run the network under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU).
+        amp: run the network under ``torch.autocast``: ``True`` for the device's usual dtype
+            (float16 on CUDA, bfloat16 on CPU) or a precision name (``'bf16'``, ``'fp16'``;
+            ``'fp32'`` = off). Labels are taken in float32 either way.
         workers: data-loading processes per sequence (default ``cfg.TEST_WORKERS``).
         verbose: print one line per sequence and the summary.
 
@@ -244,12 +246,17 @@ class Evaluator:
         self.cfg = cfg
         self.rank = rank
         self.seq_queue = seq_queue
-        self.amp = bool(amp)
         self.verbose = verbose
         workers = cfg.TEST_WORKERS if workers is None else int(workers)
         self.workers = max(0, min(workers, _available_cores()))
         device = resolve_device(device, gpu=cfg.TEST_GPU_ID + rank)
         self.device = device
+        if isinstance(amp, str):
+            self.amp_dtype = resolve_precision(amp, device=device)
+        else:
+            self.amp_dtype = resolve_precision(amp=bool(amp), device=device)
+        # In the settings: False for fp32 (as before), else the dtype's name.
+        self.amp = False if self.amp_dtype == torch.float32 else str(self.amp_dtype).split('.')[-1]
         self.gpu = device.index if device.type == 'cuda' else None
         self.ckpt_path, self.ckpt = resolve_checkpoint(cfg)
         self._model = None
@@ -439,8 +446,7 @@ class Evaluator:
         return engine
 
     def _autocast(self):
-        dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=bool(self.amp))
 
     def evaluating(self):
         """Evaluate every unfinished sequence (or those the queue hands out).

@@ -53,7 +53,7 @@ from dataloaders.eval_transforms import MultiRestrictSize, MultiToTensor
 from networks.engines import build_engine
 from networks.engines.postprocess import channel_argmax
 from networks.models.zoo import DEFAULT_MODEL, PRETRAIN_DIR, expected_files, find_checkpoint
-from utils.device import resolve_device
+from utils.device import resolve_device, resolve_precision
 
 DEFAULT_MAX_RESOLUTION = 480 * 1.3  # upstream's --max_resolution: long edge <= 624*800/480 = 1040
 AUTO_WEIGHTS = 'auto'  # ckpt_path default: the model id's weights from pretrain_models/
@@ -73,24 +73,6 @@ class FrameOutput(NamedTuple):
     frame_idx: int
     label: np.ndarray
     probs: Optional[Dict[int, np.ndarray]]
-
-
-def _resolve_dtype(dtype, amp, device):
-    if dtype is None:
-        if not amp:
-            return torch.float32
-        # bf16 on CPU (fp16 matmuls are slow there), fp16 on CUDA (what upstream's --amp uses).
-        return torch.float16 if device.type == 'cuda' else torch.bfloat16
-    if isinstance(dtype, str):
-        try:
-            dtype = {'float32': torch.float32, 'fp32': torch.float32,
-                     'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16,
-                     'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}[dtype.lower()]
-        except KeyError:
-            raise ValueError(f'dtype {dtype!r}: use float32, float16 or bfloat16') from None
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f'dtype {dtype}: use torch.float32, torch.float16 or torch.bfloat16')
-    return dtype
 
 
 def _as_id_map(mask, what):
@@ -190,7 +172,7 @@ class VideoObjectSegmenter:
                 model, ckpt_path=ckpt_path, device=self.device, cfg=cfg)
         self.model_id = getattr(self.cfg, 'MODEL_ID', str(model))
         self.ckpt_path = ckpt_path
-        self.dtype = _resolve_dtype(dtype, amp, self.device)
+        self.dtype = resolve_precision(dtype, amp, self.device)
         if max_memory_frames is not None and int(max_memory_frames) < 1:
             raise ValueError(f'max_memory_frames must be >= 1 (the reference frame) or None '
                              f'(unbounded), got {max_memory_frames}')

@@ -32,6 +32,7 @@ def main(argv=None):
     p.add_argument('--max_resolution', type=float, default=240)
     p.add_argument('--stage', default='pre_dav')
     p.add_argument('--amp', action='store_true')
+    p.add_argument('--precision', default='', choices=('', 'fp32', 'bf16', 'fp16'))
     p.add_argument('--device', default='cpu')
     args = p.parse_args(argv)
 
@@ -42,6 +43,8 @@ def main(argv=None):
            '--max_resolution', str(args.max_resolution), '--workers', '1']
     if args.amp:
         cmd.append('--amp')
+    if args.precision:
+        cmd += ['--precision', args.precision]
     rc = eval_tool.main(cmd)
     if rc != 0:
         return rc
@@ -61,7 +64,7 @@ def main(argv=None):
                         'J&F': (obj['J-Mean'] + obj['F-Mean']) / 2}
     g = scores['global']
     summary = {'name': args.name, 'model': args.model, 'ckpt_path': args.ckpt_path,
-               'max_resolution': args.max_resolution, 'amp': args.amp,
+               'max_resolution': args.max_resolution, 'amp': args.amp, 'precision': args.precision or ('amp' if args.amp else 'fp32'),
                'J&F': g['J&F-Mean'], 'J': g['J-Mean'], 'F': g['F-Mean'],
                'per_sequence': per_seq, 'timing': timing,
                'command': 'python tools/eval.py ' + ' '.join(cmd)}
