@@ -109,7 +109,7 @@ def test_video_file_writes_every_png_and_a_playable_mp4(tmp_path, capsys):
     assert summary['model'] == 'deaott_gda' and summary['checkpoint'] is None
     assert summary['weights_trained'] is False
     assert summary['fps'] > 0 and summary['peak_memory_mb'] > 0
-    assert summary['max_memory_frames'] == 8
+    assert summary['long_term_mem_max'] == 8
     assert not [f for f in os.listdir(out) if f.startswith('.')], 'temporary files left behind'
 
 

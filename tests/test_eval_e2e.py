@@ -490,6 +490,57 @@ def test_new_object_count_keeps_unpredicted_highest_id(tmp_path, monkeypatch):
     assert set(np.unique(frame2)) <= {0, 1, 4, 6}
 
 
+@pytest.mark.parametrize('lt_max', [None, 3])
+def test_eval_long_term_cap_keeps_memory_flat(tmp_path, monkeypatch, lt_max):
+    """``--lt_max`` (TEST_LONG_TERM_MEM_MAX) bounds the evaluator's memory on a long video:
+    with a gap of 1 every frame is written, yet the stored frames and bytes stop growing at
+    the cap; without it they grow by one frame per frame (upstream's protocol)."""
+    rng = np.random.default_rng(5)
+    root = tmp_path / 'custom'
+    n = 12
+    for t in range(n):
+        img, mask = _blob_frame(rng, 48, 80, {1: (8, 10 + t, 14, 20)})
+        _write_jpg(str(root / 'JPEGImages' / 'seq' / f'{t:05d}.jpg'), img)
+        if t == 0:
+            save_mask(mask, str(root / 'Annotations' / 'seq' / '00000.png'))
+
+    stored = []
+    real_build = evaluator_module.build_engine
+
+    def build(*args, **kwargs):
+        engine = real_build(*args, **kwargs)
+        update = engine.update_memory
+
+        def update_memory(mask, **kw):
+            update(mask, **kw)
+            mem = engine.aot_engines[0].memory
+            size = sum(t.numel() * t.element_size() for frames in mem.long_term
+                       for e in frames for t in (e.key, e.value, e.id_value) if t is not None)
+            stored.append((mem.num_long_term_frames, size))
+
+        engine.update_memory = update_memory
+        return engine
+
+    monkeypatch.setattr(evaluator_module, 'build_engine', build)
+    argv = COMMON + ['--dataset', 'custom', '--lt_gap', '1', '--data_path', str(root),
+                     '--result_path', str(tmp_path / 'results')]
+    if lt_max:
+        argv += ['--lt_max', str(lt_max)]
+    assert main(argv) == 0
+    frames = [f for f, _ in stored]
+    assert len(frames) == n - 1
+    if lt_max is None:
+        assert frames == list(range(2, n + 1))          # reference + one per frame
+    else:
+        assert max(frames) == lt_max and frames[-1] == lt_max
+        sizes = [b for f, b in stored if f == lt_max]
+        assert len(set(sizes)) == 1                     # flat bytes once the cap is reached
+    res = tmp_path / 'results' / 'custom'
+    settings = [json.load(open(os.path.join(d, 'settings.json'))) for d, _, fs in os.walk(res)
+                if 'settings.json' in fs]
+    assert settings and settings[0]['long_term_mem_max'] == lt_max
+
+
 # ------------------------------------------------------------------------------------------
 # Names and errors
 # ------------------------------------------------------------------------------------------

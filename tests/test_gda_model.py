@@ -171,7 +171,7 @@ def test_engines_run_gda_with_gaps_and_caps():
 
     def run(cap, labels=None):
         engine = build_engine(cfg.MODEL_ENGINE, 'eval', aot_model=model, long_term_mem_gap=2,
-                              short_term_mem_skip=1, max_long_term_frames=cap)
+                              short_term_mem_skip=1, long_term_mem_max=cap)
         tokens, logits_all, written = [], [], []
         with torch.no_grad():
             engine.add_reference_frame(frames[0], mask, obj_nums=[2], frame_step=0)

@@ -10,7 +10,7 @@ def _entry(step, layers=2):
 
 
 def test_cap_drops_oldest_unpinned_and_keeps_references():
-    mem = VOSMemory(num_layers=2, max_long_term=3)
+    mem = VOSMemory(num_layers=2, long_term_mem_max=3)
     mem.prepend_long_term(_entry(0), 0, pinned=True)
     for step in (1, 2, 3):
         mem.prepend_long_term(_entry(step), step)
@@ -26,7 +26,7 @@ def test_cap_drops_oldest_unpinned_and_keeps_references():
 
 
 def test_references_alone_may_exceed_cap():
-    mem = VOSMemory(num_layers=1, max_long_term=2)
+    mem = VOSMemory(num_layers=1, long_term_mem_max=2)
     for step in range(4):
         mem.prepend_long_term(_entry(step, 1), step, pinned=True)
     assert mem.long_term_steps == [3, 2, 1, 0]

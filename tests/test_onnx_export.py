@@ -184,7 +184,7 @@ def test_segmenter_onnxruntime_equals_torch_with_memory_policy(model, bundle):
     first = np.where(clip.label(0) == 3, 0, clip.label(0))
     later = np.where(clip.label(4) == 3, 3, 0)
     segs, per_frame = run_both(net, cfg, bundle['propagate'], clip, {0: first, 4: later},
-                               max_memory_frames=3, long_term_mem_gap=2)
+                               long_term_mem_max=3, long_term_mem_gap=2)
     assert_same_run(segs, per_frame, [1, 2, 3])
     mem = segs[1].engine.aot_engines[0].memory
     # Reference frames 0 and 4 stay; the cap keeps one more (the newest gap frame).
@@ -200,7 +200,7 @@ def test_more_objects_than_one_sub_engine(model, bundle):
         r, c = divmod(k, 4)
         ids[8 + 18 * r:20 + 18 * r, 6 + 23 * c:20 + 23 * c] = k + 1
     segs, per_frame = run_both(net, cfg, bundle['propagate'], clip, {0: ids},
-                               max_memory_frames=2, long_term_mem_gap=1)
+                               long_term_mem_max=2, long_term_mem_gap=1)
     assert len(segs[1].engine.aot_engines) == 2
     assert_same_run(segs, per_frame, list(range(1, 13)))
 
@@ -230,7 +230,7 @@ def test_davis_val_dev_sequence_downscaled(model, tmp_path):
     cfg, net = model
     paths = export_student(net, cfg, str(tmp_path / 'davis.onnx'), (h, w))
     segs, per_frame = run_both(net, cfg, paths['propagate'], Frames(), {0: gt},
-                               max_memory_frames=4, long_term_mem_gap=2)
+                               long_term_mem_max=4, long_term_mem_gap=2)
     ids = sorted(int(v) for v in np.unique(gt) if v)
     assert ids
     assert_same_run(segs, per_frame, ids)

@@ -197,7 +197,7 @@ def test_cap_off_equals_evaluator_loop(deaott, first_ids, new_id):
     ref_labels, ref_probs = evaluator_loop(deaott, frames, prompts, gap=2)
     eval_labels = evaluator_step_loop(deaott, frames, prompts, gap=2)
 
-    seg = VideoObjectSegmenter(deaott, device='cpu', max_memory_frames=None, long_term_mem_gap=2)
+    seg = VideoObjectSegmenter(deaott, device='cpu', long_term_mem_max=None, long_term_mem_gap=2)
     out = run_api(seg, clip, prompts)
     assert [o.frame_idx for o in out] == list(range(len(frames)))
     for t, (o, ref) in enumerate(zip(out, ref_labels)):
@@ -213,7 +213,7 @@ def test_cap_off_equals_evaluator_loop(deaott, first_ids, new_id):
 def test_long_video_memory_is_flat_after_cap(deaott):
     # 300 frames at 65x65: 5x5 = 25 tokens per stored frame; a frame is stored every 2.
     clip, gap, cap, tokens = SyntheticClip(300, 65, 65), 2, 4, 25
-    seg = VideoObjectSegmenter(deaott, device='cpu', max_memory_frames=cap,
+    seg = VideoObjectSegmenter(deaott, device='cpu', long_term_mem_max=cap,
                                long_term_mem_gap=gap, return_probs=False)
     seg.open(clip)
     seg.add_mask(0, clip.label(0))
@@ -231,7 +231,7 @@ def test_long_video_memory_is_flat_after_cap(deaott):
     assert len(set(stored_bytes[full:])) == 1, 'stored memory must not grow after the cap'
 
     # Without the cap the same run grows by one frame every `gap` frames.
-    seg = VideoObjectSegmenter(deaott, device='cpu', max_memory_frames=None,
+    seg = VideoObjectSegmenter(deaott, device='cpu', long_term_mem_max=None,
                                long_term_mem_gap=gap, return_probs=False)
     seg.open(clip)
     seg.add_mask(0, clip.label(0))
@@ -304,7 +304,7 @@ def test_added_and_removed_objects_with_real_model(deaott):
     clip = SyntheticClip(9, h, w)
     added = np.zeros((h, w), np.int64)
     added[40:60, 70:95] = 7
-    seg = VideoObjectSegmenter(deaott, device='cpu', long_term_mem_gap=2, max_memory_frames=3)
+    seg = VideoObjectSegmenter(deaott, device='cpu', long_term_mem_gap=2, long_term_mem_max=3)
     out = run_api(seg, clip, {0: clip.label(0, ids=(3, 4)), k: added}, removals=[(r, 3)])
     for t, o in enumerate(out):
         assert (7 in o.probs) == (t >= k)
@@ -347,7 +347,7 @@ def _model_configs():
 def test_every_model_kind_runs(model_id, cfg):
     clip = SyntheticClip(4, 33, 49)
     seg = VideoObjectSegmenter(model_id, cfg=cfg, device='cpu', long_term_mem_gap=1,
-                               max_memory_frames=2)
+                               long_term_mem_max=2)
     added = np.zeros((33, 49), np.int64)
     added[2:10, 35:47] = 12
     out = run_api(seg, clip, {0: clip.label(0, ids=(2, 5)), 2: added})

@@ -81,7 +81,7 @@ def run_one(args):
     torch.manual_seed(0)
     clip = MovingShapes(args.frames, *args.size)
     seg = VideoObjectSegmenter(args.model, device=args.device, amp=args.amp,
-                               max_memory_frames=args.cap or None, long_term_mem_gap=args.lt_gap,
+                               long_term_mem_max=args.cap or None, long_term_mem_gap=args.lt_gap,
                                return_probs=False)
     seg.open(clip)
     seg.add_mask(0, clip.label(0))

@@ -103,7 +103,7 @@ def load_model(args):
 
 def make_segmenter(kind, args, cfg=None, model=None, onnx_path=None):
     from networks.managers.segmenter import VideoObjectSegmenter
-    common = dict(device='cpu', max_memory_frames=args.max_memory_frames)
+    common = dict(device='cpu', long_term_mem_max=args.max_memory_frames)
     if kind == 'torch':
         return VideoObjectSegmenter(model, ckpt_path=None, cfg=cfg, **common)
     return VideoObjectSegmenter(args.model, ckpt_path=onnx_path, backend='onnxruntime',

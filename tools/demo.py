@@ -29,7 +29,7 @@ is printed. The default model is the shipped distilled student ``deaott_gda``. W
 ``--ckpt_path`` the demo looks in ``pretrain_models/`` for a released ``<MODEL_NAME>_<STAGE>.pth``,
 then for the project's shipped weights (``networks/models/zoo.py``); with none there it runs on
 untrained (random) weights and says so: the masks are then meaningless. Long-term memory is capped
-(``--max_memory_frames``, default 8), so memory stays flat on long videos. Existing results are
+(``--lt_max``, default 8), so memory stays flat on long videos. Existing results are
 never replaced unless ``--overwrite`` is given, and then only once the new run has succeeded (it
 is written into a hidden staging folder in ``--output`` and moved into place at the end). An
 ``--output`` that is or contains the input or the masks is refused. A video that decodes fewer
@@ -62,6 +62,7 @@ from utils.video_io import (FrameSourceError, IMAGE_EXTENSIONS, VideoWriter,  # 
 
 from dataloaders.sample_video import (LICENCE as SAMPLE_LICENCE, SAMPLE_FRAMES,  # noqa: E402
                                       SAMPLE_SIZE, make_sample, sample_scores)
+from networks.engines.memory import APP_LONG_TERM_MEM_MAX  # noqa: E402
 from networks.models.zoo import (DEFAULT_MODEL, PRETRAIN_DIR, expected_files,  # noqa: E402
                                  find_checkpoint)
 
@@ -94,8 +95,10 @@ def build_parser():
     p.add_argument('--precision', default='', choices=('', 'fp32', 'bf16', 'fp16'),
                    help='compute dtype (default fp32; bf16 is the CPU fast path, '
                         'docs/benchmark.md); overrides --amp')
-    p.add_argument('--max_memory_frames', type=int, default=8,
-                   help='cap on long-term memory frames, reference frames kept (0: unbounded)')
+    p.add_argument('--lt_max', '--max_memory_frames', dest='lt_max', type=int,
+                   default=APP_LONG_TERM_MEM_MAX,
+                   help='cap on long-term memory frames, reference frames kept (0: unbounded; '
+                        'docs/memory.md)')
     p.add_argument('--max_resolution', type=float, default=480 * 1.3,
                    help='frames are resized so the long edge is at most this * 800 / 480')
     p.add_argument('--lt_gap', type=int, default=-1,
@@ -253,7 +256,7 @@ def run(args):
         seg = VideoObjectSegmenter(
             args.model, ckpt_path=ckpt or None, device=device, amp=args.amp,
             dtype=args.precision or None, cfg=cfg,
-            max_memory_frames=args.max_memory_frames if args.max_memory_frames > 0 else None,
+            long_term_mem_max=args.lt_max if args.lt_max > 0 else None,
             long_term_mem_gap=args.lt_gap if args.lt_gap > 0 else None,
             max_resolution=args.max_resolution, return_probs=False,
             backend='onnxruntime' if onnx else 'torch')
@@ -359,7 +362,7 @@ def _segment_into(args, seg, source, masks, objects, seq, ckpt, gt_dir, staging,
         'amp': bool(args.amp), 'precision': args.precision or ('amp' if args.amp else 'fp32'),
         'dtype': str(seg.dtype).replace('torch.', ''),
         'backend': getattr(seg, 'backend', 'torch'),
-        'max_memory_frames': seg.max_memory_frames,
+        'long_term_mem_max': seg.long_term_mem_max,
         'long_term_mem_gap': seg.long_term_mem_gap,
         'max_resolution': args.max_resolution,
         'fps': round(seg.fps, 3),

@@ -33,6 +33,10 @@ def build_parser():
     p.add_argument('--model', type=str, default='aott')
     p.add_argument('--lstt_num', type=int, default=-1)
     p.add_argument('--lt_gap', type=int, default=-1, help='long-term memory gap (frames)')
+    p.add_argument('--lt_max', type=int, default=-1,
+                   help='cap on long-term memory frames, reference frames kept '
+                        '(TEST_LONG_TERM_MEM_MAX; default: unbounded, upstream\'s protocol; '
+                        'docs/memory.md)')
     p.add_argument('--st_skip', type=int, default=-1, help='short-term memory skip')
     p.add_argument('--max_id_num', type=int, default=-1)
     p.add_argument('--gpu_id', type=int, default=0)
@@ -92,6 +96,8 @@ def config_from_args(args):
         cfg.MODEL_LSTT_NUM = args.lstt_num
     if args.lt_gap > 0:
         cfg.TEST_LONG_TERM_MEM_GAP = args.lt_gap
+    if args.lt_max > 0:
+        cfg.TEST_LONG_TERM_MEM_MAX = args.lt_max
     if args.st_skip > 0:
         cfg.TEST_SHORT_TERM_MEM_SKIP = args.st_skip
     if args.max_id_num > 0:

@@ -49,13 +49,13 @@ class AOTEngine(nn.Module):
         aot_model: an :class:`~networks.models.aot.AOT` or ``DeAOT``.
         long_term_mem_gap: store a frame in long-term memory every ``gap`` frames.
         short_term_mem_skip: short-term memory is the frame ``skip`` steps back.
-        max_long_term_frames: optional cap on stored long-term frames (reference frames,
+        long_term_mem_max: optional cap on stored long-term frames (reference frames,
             whose masks were given, are always kept; the oldest other frame goes first).
             ``None``: unbounded (upstream behaviour).
     """
 
     def __init__(self, aot_model, gpu_id=0, long_term_mem_gap=9999, short_term_mem_skip=1,
-                 max_long_term_frames=None):
+                 long_term_mem_max=None):
         super().__init__()
         self.cfg = aot_model.cfg
         self.align_corners = aot_model.cfg.MODEL_ALIGN_CORNERS
@@ -64,7 +64,7 @@ class AOTEngine(nn.Module):
         del gpu_id  # upstream's signature; the device is the model's
         self.long_term_mem_gap = long_term_mem_gap
         self.short_term_mem_skip = short_term_mem_skip
-        self.max_long_term_frames = max_long_term_frames
+        self.long_term_mem_max = long_term_mem_max
         self.losses = None
         self.restart_engine()
 
@@ -79,7 +79,7 @@ class AOTEngine(nn.Module):
         self.enc_size_2d = None
         self.enc_hw = None
         self.input_size_2d = None
-        self.memory = VOSMemory(len(self.AOT.LSTT.layers), self.max_long_term_frames)
+        self.memory = VOSMemory(len(self.AOT.LSTT.layers), self.long_term_mem_max)
         self.enable_offline_enc = False
         self.offline_enc_embs = None
         self.offline_masks = None
@@ -377,13 +377,13 @@ class AOTInferEngine(nn.Module):
     encoding; their outputs are merged by soft aggregation.
 
     Args:
-        max_long_term_frames: optional cap on stored long-term frames per sub-engine.
+        long_term_mem_max: optional cap on stored long-term frames per sub-engine.
     """
 
     engine_class = AOTEngine
 
     def __init__(self, aot_model, gpu_id=0, long_term_mem_gap=9999, short_term_mem_skip=1,
-                 max_aot_obj_num=None, max_long_term_frames=None):
+                 max_aot_obj_num=None, long_term_mem_max=None):
         super().__init__()
         self.cfg = aot_model.cfg
         self.AOT = aot_model
@@ -393,7 +393,7 @@ class AOTInferEngine(nn.Module):
         del gpu_id  # upstream's signature; the device is the model's
         self.long_term_mem_gap = long_term_mem_gap
         self.short_term_mem_skip = short_term_mem_skip
-        self.max_long_term_frames = max_long_term_frames
+        self.long_term_mem_max = long_term_mem_max
         self.aot_engines = []
         self.restart_engine()
 
@@ -447,7 +447,7 @@ class AOTInferEngine(nn.Module):
         while len(self.aot_engines) < needed:
             engine = self.engine_class(self.AOT, long_term_mem_gap=self.long_term_mem_gap,
                                        short_term_mem_skip=self.short_term_mem_skip,
-                                       max_long_term_frames=self.max_long_term_frames)
+                                       long_term_mem_max=self.long_term_mem_max)
             engine.eval()
             if self.aot_engines and frame_step > 0:
                 # A sub-engine created mid-video counts its memory gap from this frame

@@ -16,7 +16,14 @@ import torch
 
 from networks.layers.memory_entry import MemoryEntry
 
-__all__ = ['MemoryEntry', 'VOSMemory']  # MemoryEntry lives with the layers that build it
+__all__ = ['APP_LONG_TERM_MEM_MAX', 'MemoryEntry', 'VOSMemory']
+
+# The long-term cap (one name everywhere: ``long_term_mem_max`` / TEST_LONG_TERM_MEM_MAX /
+# ``--lt_max``). Evaluation keeps upstream's unbounded memory (TEST_LONG_TERM_MEM_MAX = None),
+# so DAVIS / YouTube-VOS scores compare with published ones; the application entry points
+# (VideoObjectSegmenter, tools/demo.py) bound it, so memory and time per frame stay flat on
+# long videos. docs/memory.md has the table and the measurements.
+APP_LONG_TERM_MEM_MAX = 8  # MemoryEntry lives with the layers that build it
 
 
 @dataclass
@@ -28,13 +35,13 @@ class VOSMemory:
     ``long_term_pinned`` whether it is a reference frame (a frame whose mask was given:
     the first frame, or a frame where objects were added), both in the same order.
 
-    A cap (``max_long_term`` stored frames) drops the oldest non-reference frame first.
+    A cap (``long_term_mem_max`` stored frames) drops the oldest non-reference frame first.
     Reference frames are never dropped: they are the only frames whose masks are known
     to be right, and an object added mid-video exists in no earlier frame. Memory can
     therefore exceed the cap only by the number of reference frames.
     """
     num_layers: int
-    max_long_term: Optional[int] = None
+    long_term_mem_max: Optional[int] = None
     long_term: List[List[MemoryEntry]] = field(default_factory=list)
     long_term_steps: List[int] = field(default_factory=list)
     long_term_pinned: List[bool] = field(default_factory=list)
@@ -47,9 +54,9 @@ class VOSMemory:
         if not self.long_term:
             self.long_term = [[] for _ in range(self.num_layers)]
         self._cat_cache = [None] * self.num_layers
-        if self.max_long_term is not None and self.max_long_term < 1:
-            raise ValueError(f'max_long_term must be >= 1 (the reference frame), '
-                             f'got {self.max_long_term}')
+        if self.long_term_mem_max is not None and self.long_term_mem_max < 1:
+            raise ValueError(f'long_term_mem_max must be >= 1 (the reference frame), '
+                             f'got {self.long_term_mem_max}')
 
     # -- long-term -------------------------------------------------------------------
     @property
@@ -80,9 +87,9 @@ class VOSMemory:
         self.cap_long_term()
 
     def cap_long_term(self):
-        if self.max_long_term is None:
+        if self.long_term_mem_max is None:
             return
-        while len(self.long_term_steps) > self.max_long_term:
+        while len(self.long_term_steps) > self.long_term_mem_max:
             unpinned = [i for i, p in enumerate(self.long_term_pinned) if not p]
             if not unpinned:
                 break

@@ -346,7 +346,7 @@ class Evaluator:
         return {'model': cfg.MODEL_NAME, 'checkpoint': ckpt if ckpt else self.ckpt,
                 'long_term_mem_gap': cfg.TEST_LONG_TERM_MEM_GAP,
                 'short_term_mem_skip': cfg.TEST_SHORT_TERM_MEM_SKIP,
-                'long_term_mem_max': getattr(cfg, 'TEST_LONG_TERM_MEM_MAX', None),
+                'long_term_mem_max': cfg.TEST_LONG_TERM_MEM_MAX,
                 'max_obj_num': cfg.MODEL_MAX_OBJ_NUM, 'lstt_num': cfg.MODEL_LSTT_NUM,
                 'flip': bool(cfg.TEST_FLIP), 'multiscale': [float(s) for s in cfg.TEST_MULTISCALE],
                 'max_short_edge': cfg.TEST_MAX_SHORT_EDGE, 'max_long_edge': cfg.TEST_MAX_LONG_EDGE,
@@ -441,7 +441,7 @@ class Evaluator:
         engine = build_engine(cfg.MODEL_ENGINE, phase='eval', aot_model=self.model,
                               long_term_mem_gap=cfg.TEST_LONG_TERM_MEM_GAP,
                               short_term_mem_skip=cfg.TEST_SHORT_TERM_MEM_SKIP,
-                              max_long_term_frames=getattr(cfg, 'TEST_LONG_TERM_MEM_MAX', None))
+                              long_term_mem_max=cfg.TEST_LONG_TERM_MEM_MAX)
         engine.eval()
         return engine
 

@@ -184,17 +184,17 @@ class OnnxEngine:
     (short-term ones too; the propagate graph makes its 2D maps)."""
 
     def __init__(self, student, long_term_mem_gap=9999, short_term_mem_skip=1,
-                 max_long_term_frames=None):
+                 long_term_mem_max=None):
         self.student = student
         self.layout = student.layout
         self.align_corners = bool(student.config['MODEL_ALIGN_CORNERS'])
         self.long_term_mem_gap = long_term_mem_gap
         self.short_term_mem_skip = short_term_mem_skip
-        self.max_long_term_frames = max_long_term_frames
+        self.long_term_mem_max = long_term_mem_max
         self.frame_step = 0
         self.obj_nums = None
         self.input_size_2d = None
-        self.memory = VOSMemory(self.layout.num_layers, max_long_term_frames)
+        self.memory = VOSMemory(self.layout.num_layers, long_term_mem_max)
         self.curr_enc_embs = None
         self.curr = None
         self.raw_logits = None
@@ -304,12 +304,12 @@ class OnnxInferEngine:
     num_long_term_tokens = AOTInferEngine.num_long_term_tokens
 
     def __init__(self, student, long_term_mem_gap=9999, short_term_mem_skip=1,
-                 max_long_term_frames=None):
+                 long_term_mem_max=None):
         self.student = student
         self.max_aot_obj_num = int(student.config['MODEL_MAX_OBJ_NUM'])
         self.long_term_mem_gap = long_term_mem_gap
         self.short_term_mem_skip = short_term_mem_skip
-        self.max_long_term_frames = max_long_term_frames
+        self.long_term_mem_max = long_term_mem_max
         self.aot_engines = []
         self.obj_nums = None
         self.input_size_2d = None
@@ -321,7 +321,7 @@ class OnnxInferEngine:
         needed = max(math.ceil(obj_nums / self.max_aot_obj_num), 1)
         while len(self.aot_engines) < needed:
             engine = OnnxEngine(self.student, self.long_term_mem_gap, self.short_term_mem_skip,
-                                self.max_long_term_frames)
+                                self.long_term_mem_max)
             if self.aot_engines and frame_step > 0:
                 engine.frame_step = frame_step
             self.aot_engines.append(engine)

@@ -17,11 +17,11 @@ evaluator drives it (``tools/eval.py``): test-time resize and normalisation of e
 resized to the network input with nearest, logits decoded at the frame size, softmax, argmax,
 ``update_memory`` with the argmax label, and for a frame with a new mask
 ``merged = pred * (mask == 0) + mask`` then ``add_reference_frame``, ``decode_current_logits``,
-``update_memory``. With ``max_memory_frames=None`` the output equals that loop.
+``update_memory``. With ``long_term_mem_max=None`` the output equals that loop.
 
 Differences from the evaluator, all opt-in or invisible when unused:
 
-* **Bounded memory** (``max_memory_frames``, default 8): at most that many frames are kept in
+* **Bounded memory** (``long_term_mem_max``, default 8): at most that many frames are kept in
   each sub-engine's long-term memory; the oldest frame that is not a reference frame is dropped,
   reference frames (where masks were given) are always kept (see
   :class:`~networks.engines.memory.VOSMemory`). Short-term memory is one frame. So memory stays
@@ -51,12 +51,16 @@ import torch.nn.functional as F
 
 from dataloaders.eval_transforms import MultiRestrictSize, MultiToTensor
 from networks.engines import build_engine
+from networks.engines.memory import APP_LONG_TERM_MEM_MAX
 from networks.engines.postprocess import channel_argmax
 from networks.models.zoo import DEFAULT_MODEL, PRETRAIN_DIR, expected_files, find_checkpoint
 from utils.device import resolve_device, resolve_precision
 
 DEFAULT_MAX_RESOLUTION = 480 * 1.3  # upstream's --max_resolution: long edge <= 624*800/480 = 1040
 AUTO_WEIGHTS = 'auto'  # ckpt_path default: the model id's weights from pretrain_models/
+
+
+_UNSET = object()
 
 
 class UntrainedWeightsWarning(UserWarning):
@@ -115,9 +119,12 @@ class VideoObjectSegmenter:
         dtype: ``float32`` (default), ``float16`` or ``bfloat16``; other than float32 runs
             the network under ``torch.autocast``.
         amp: shorthand for the usual autocast dtype: bf16 on CPU, fp16 on CUDA.
-        max_memory_frames: cap on long-term memory frames per sub-engine (reference frames
+        long_term_mem_max: cap on long-term memory frames per sub-engine (reference frames
             are always kept, the oldest other frame is dropped first); ``None``:
-            unbounded as upstream (memory grows with the video).
+            unbounded as upstream (memory grows with the video). The same name as the
+            config's ``TEST_LONG_TERM_MEM_MAX`` and the CLIs' ``--lt_max`` (docs/memory.md:
+            8 here, for applications; unbounded in ``tools/eval.py``, upstream's protocol).
+            ``max_memory_frames`` is accepted as its former name.
         long_term_mem_gap: store a frame in long-term memory every ``gap`` frames
             (default: the model's ``TEST_LONG_TERM_MEM_GAP``).
         short_term_mem_skip: default the model's ``TEST_SHORT_TERM_MEM_SKIP``.
@@ -133,9 +140,10 @@ class VideoObjectSegmenter:
     """
 
     def __init__(self, model=DEFAULT_MODEL, ckpt_path=AUTO_WEIGHTS, device=None, dtype=None,
-                 amp=False, max_memory_frames=8, long_term_mem_gap=None, short_term_mem_skip=None,
-                 max_resolution=DEFAULT_MAX_RESOLUTION, return_probs=True, cfg=None,
-                 backend='torch', onnx_threads=None):
+                 amp=False, long_term_mem_max=APP_LONG_TERM_MEM_MAX, long_term_mem_gap=None,
+                 short_term_mem_skip=None, max_resolution=DEFAULT_MAX_RESOLUTION,
+                 return_probs=True, cfg=None, backend='torch', onnx_threads=None,
+                 max_memory_frames=_UNSET):
         self.device = resolve_device(device)
         self.backend = backend
         self.onnx = None
@@ -173,10 +181,12 @@ class VideoObjectSegmenter:
         self.model_id = getattr(self.cfg, 'MODEL_ID', str(model))
         self.ckpt_path = ckpt_path
         self.dtype = resolve_precision(dtype, amp, self.device)
-        if max_memory_frames is not None and int(max_memory_frames) < 1:
-            raise ValueError(f'max_memory_frames must be >= 1 (the reference frame) or None '
-                             f'(unbounded), got {max_memory_frames}')
-        self.max_memory_frames = None if max_memory_frames is None else int(max_memory_frames)
+        if max_memory_frames is not _UNSET:   # the former name of the same setting
+            long_term_mem_max = max_memory_frames
+        if long_term_mem_max is not None and int(long_term_mem_max) < 1:
+            raise ValueError(f'long_term_mem_max must be >= 1 (the reference frame) or None '
+                             f'(unbounded), got {long_term_mem_max}')
+        self.long_term_mem_max = None if long_term_mem_max is None else int(long_term_mem_max)
         self.long_term_mem_gap = int(long_term_mem_gap or self.cfg.TEST_LONG_TERM_MEM_GAP)
         self.short_term_mem_skip = int(short_term_mem_skip or self.cfg.TEST_SHORT_TERM_MEM_SKIP)
         self.max_resolution = max_resolution
@@ -492,7 +502,7 @@ class VideoObjectSegmenter:
     def _build_engine(self):
         kwargs = dict(long_term_mem_gap=self.long_term_mem_gap,
                       short_term_mem_skip=self.short_term_mem_skip,
-                      max_long_term_frames=self.max_memory_frames)
+                      long_term_mem_max=self.long_term_mem_max)
         if self.onnx is not None:
             from networks.managers.onnx_backend import OnnxInferEngine
             return OnnxInferEngine(self.onnx, **kwargs)
