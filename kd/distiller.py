@@ -191,10 +191,8 @@ class DistillationEngine(nn.Module):
 
         teacher.start(frames, ref_mask, obj_nums)
         shuffle = s.id_shuffle and self.training
-        engine.restart_engine(B, enable_id_shuffle=shuffle and id_shuffle_matrix is None)
-        if shuffle and id_shuffle_matrix is not None:
-            engine.enable_id_shuffle = True
-            engine.id_shuffle_matrix = id_shuffle_matrix
+        engine.restart_engine(B, enable_id_shuffle=shuffle,
+                              id_shuffle_matrix=id_shuffle_matrix if shuffle else None)
         embs = split_clip_embeddings(self.student.encode_image(frames), B)
         engine.add_reference_frame(mask=ref_mask, frame_step=0, obj_nums=obj_nums,
                                    img_embs=embs[0])

@@ -44,3 +44,21 @@ def test_short_term_skip():
     for step in range(4):
         mem.push_short_term(_entry(step, 1), skip=2)
         assert mem.short_term[0].key[0, 0, 0].item() == max(step - 1, 0)
+
+
+def test_write_policy_gap_skip_and_reference_clock():
+    """``write`` stores long-term every ``long_term_mem_gap`` frames counted from the last
+    long-term write (a reference frame restarts the clock), short-term every frame, and
+    ``long_term=False`` advances the clock without storing (upstream's skip flag)."""
+    mem = VOSMemory(num_layers=1, long_term_mem_gap=3, short_term_mem_skip=1)
+    mem.write_reference(_entry(0, 1), _entry(0, 1), 0)
+    for step in range(1, 8):
+        mem.write(_entry(step, 1), _entry(step, 1), step, long_term=step != 6)
+        assert mem.short_term[0].key[0, 0, 0].item() == step
+    assert mem.long_term_steps == [3, 0]          # 6 was due but skipped, clock moved to 6
+    assert mem.last_long_term_step == 6
+    mem.write_reference(_entry(8, 1), _entry(8, 1), 8)   # objects added at frame 8
+    for step in (9, 10, 11):
+        mem.write(_entry(step, 1), _entry(step, 1), step)
+    assert mem.long_term_steps == [11, 8, 3, 0]
+    assert mem.long_term_pinned == [False, True, False, True]

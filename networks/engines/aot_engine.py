@@ -69,17 +69,21 @@ class AOTEngine(nn.Module):
         self.restart_engine()
 
     # -- state ----------------------------------------------------------------------
-    def restart_engine(self, batch_size=1, enable_id_shuffle=False):
+    def restart_engine(self, batch_size=1, enable_id_shuffle=False, id_shuffle_matrix=None):
+        """Start a new batch of videos. ``enable_id_shuffle`` draws a random ID permutation
+        per sample; ``id_shuffle_matrix`` ``(B, 1+N, 1+N)`` gives them instead (training draws
+        them for the global batch from its seed) and implies shuffling."""
         self.batch_size = batch_size
         self.frame_step = 0
-        self.enable_id_shuffle = enable_id_shuffle
+        self.enable_id_shuffle = bool(enable_id_shuffle or id_shuffle_matrix is not None)
         self.freeze_id = False
         self.obj_nums = None
         self.pos_emb = None
         self.enc_size_2d = None
         self.enc_hw = None
         self.input_size_2d = None
-        self.memory = VOSMemory(len(self.AOT.LSTT.layers), self.long_term_mem_max)
+        self.memory = VOSMemory(len(self.AOT.LSTT.layers), self.long_term_mem_max,
+                                self.long_term_mem_gap, self.short_term_mem_skip)
         self.enable_offline_enc = False
         self.offline_enc_embs = None
         self.offline_masks = None
@@ -89,8 +93,8 @@ class AOTEngine(nn.Module):
         self.curr_lstt_output = None
         self.curr_id_embs = None
         self.pred_id_logits = None
-        self.id_shuffle_matrix = None
-        if enable_id_shuffle:
+        self.id_shuffle_matrix = id_shuffle_matrix
+        if self.enable_id_shuffle and id_shuffle_matrix is None:
             self.id_shuffle_matrix = generate_permute_matrix(
                 self.max_obj_num + 1, batch_size, device=self._device())
 
@@ -191,9 +195,7 @@ class AOTEngine(nn.Module):
             self.curr_enc_embs, empty, empty, id_emb, pos_emb=self.pos_emb,
             size_2d=self.enc_size_2d)
         self.curr_lstt_output = (outputs, currs, refs)
-        self.memory.prepend_long_term(refs, step, pinned=True)
-        self.memory.last_long_term_step = step
-        self.memory.reset_short_term([r.map(self._seq_to_2d) for r in refs])
+        self.memory.write_reference(refs, [r.map(self._seq_to_2d) for r in refs], step)
 
     def _seq_to_2d(self, t):
         return seq_to_2d(t, self.enc_size_2d)
@@ -255,12 +257,8 @@ class AOTEngine(nn.Module):
         layers = self.AOT.LSTT.layers
         entries = [layer.fuse_key_value_id(curr, curr_id_emb)
                    for layer, curr in zip(layers, self.curr_lstt_output[1])]
-        self.memory.push_short_term([e.map(self._seq_to_2d) for e in entries],
-                                    self.short_term_mem_skip)
-        if self.frame_step - self.memory.last_long_term_step >= self.long_term_mem_gap:
-            if not skip_long_term_update:
-                self.memory.prepend_long_term(entries, self.frame_step)
-            self.memory.last_long_term_step = self.frame_step
+        self.memory.write(entries, [e.map(self._seq_to_2d) for e in entries], self.frame_step,
+                          long_term=not skip_long_term_update)
 
     # -- training ---------------------------------------------------------------------
     def _init_losses(self):

@@ -39,9 +39,15 @@ class VOSMemory:
     Reference frames are never dropped: they are the only frames whose masks are known
     to be right, and an object added mid-video exists in no earlier frame. Memory can
     therefore exceed the cap only by the number of reference frames.
+
+    The write policy is owned here too: :meth:`write` stores a frame as short-term memory
+    (the frame ``short_term_mem_skip`` back is the one read) and as long-term memory once
+    ``long_term_mem_gap`` frames have passed since the last long-term write.
     """
     num_layers: int
     long_term_mem_max: Optional[int] = None
+    long_term_mem_gap: int = 9999
+    short_term_mem_skip: int = 1
     long_term: List[List[MemoryEntry]] = field(default_factory=list)
     long_term_steps: List[int] = field(default_factory=list)
     long_term_pinned: List[bool] = field(default_factory=list)
@@ -99,6 +105,26 @@ class VOSMemory:
             del self.long_term_steps[drop]
             del self.long_term_pinned[drop]
             self._cat_cache = [None] * self.num_layers
+
+    # -- writes (the policy) ------------------------------------------------------------
+    def write_reference(self, entries, entries_2d, step):
+        """Store a reference frame (its mask was given): pinned in long-term memory whatever
+        the gap, restarting the gap clock, and as the only short-term frame."""
+        self.prepend_long_term(entries, step, pinned=True)
+        self.last_long_term_step = step
+        self.reset_short_term(entries_2d)
+
+    def write(self, entries, entries_2d, step, long_term=True):
+        """Store frame ``step`` from its predicted mask: ``entries`` (sequence-first, for the
+        long-term lists) and ``entries_2d`` (the same frame as 2D maps, for short-term).
+
+        ``long_term=False`` advances the gap clock without storing the frame (upstream's
+        ``skip_long_term_update``)."""
+        self.push_short_term(entries_2d, self.short_term_mem_skip)
+        if step - self.last_long_term_step >= self.long_term_mem_gap:
+            if long_term:
+                self.prepend_long_term(entries, step)
+            self.last_long_term_step = step
 
     # -- short-term ------------------------------------------------------------------
     def push_short_term(self, entries_2d, skip=1):

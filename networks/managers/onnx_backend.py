@@ -194,7 +194,8 @@ class OnnxEngine:
         self.frame_step = 0
         self.obj_nums = None
         self.input_size_2d = None
-        self.memory = VOSMemory(self.layout.num_layers, long_term_mem_max)
+        self.memory = VOSMemory(self.layout.num_layers, long_term_mem_max, long_term_mem_gap,
+                                short_term_mem_skip)
         self.curr_enc_embs = None
         self.curr = None
         self.raw_logits = None
@@ -242,9 +243,7 @@ class OnnxEngine:
         refs = [_merge(c, n) for c, n in zip(self.curr, _entries(out, 'new', lay.new_fields))]
         self.raw_logits = out['logits']
         step = self.frame_step
-        self.memory.prepend_long_term(refs, step, pinned=True)
-        self.memory.last_long_term_step = step
-        self.memory.reset_short_term(refs)
+        self.memory.write_reference(refs, refs, step)
 
     def match_propogate_one_frame(self, img=None, img_embs=None):
         self.frame_step += 1
@@ -283,11 +282,7 @@ class OnnxEngine:
         feeds['mask'] = curr_mask
         out = self.student.run('write', feeds)
         entries = [_merge(c, n) for c, n in zip(self.curr, _entries(out, 'new', lay.new_fields))]
-        self.memory.push_short_term(entries, self.short_term_mem_skip)
-        if self.frame_step - self.memory.last_long_term_step >= self.long_term_mem_gap:
-            if not skip_long_term_update:
-                self.memory.prepend_long_term(entries, self.frame_step)
-            self.memory.last_long_term_step = self.frame_step
+        self.memory.write(entries, entries, self.frame_step, long_term=not skip_long_term_update)
 
 
 class OnnxInferEngine:

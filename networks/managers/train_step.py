@@ -198,10 +198,8 @@ class SupervisedStep(TrainStep):
 
     def __call__(self, batch, step):
         frames, labels, obj_nums, bs = self.prepare_batch(batch)
-        self.engine.restart_engine(bs, enable_id_shuffle=False)
-        if self.id_shuffle:
-            self.engine.enable_id_shuffle = True
-            self.engine.id_shuffle_matrix = self.shuffle_matrices(step, bs)
+        self.engine.restart_engine(
+            bs, id_shuffle_matrix=self.shuffle_matrices(step, bs) if self.id_shuffle else None)
         loss, masks, frame_losses, _ = self._forward_module(step)(
             frames, labels, bs, obj_nums=obj_nums, step=step,
             use_prev_pred=self.use_prev_pred(step), enable_prev_frame=self.enable_prev_frame,
