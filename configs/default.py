@@ -13,6 +13,26 @@ import importlib
 import os
 
 DATA_ROOT_ENV = 'AOT_DATA_ROOT'
+
+# The distillation fields and their defaults (the paper's recipe, docs/distillation.md).
+# Every config declares them; only the kd_stage* configs turn TRAIN_KD on. kd/settings.py
+# validates them and maps them to tools/train.py flags.
+KD_DEFAULTS = {
+    'KD_TEACHER': 'r50_deaotl',     # --teacher
+    'KD_TEACHER_CKPT': './pretrain_models/R50_DeAOTL_PRE_YTB_DAV.pth',  # --teacher_ckpt
+    'KD_TEACHER_LAYER': 3,          # 1-based GPM index of the teacher (Table 4: 1, 2, 3)
+    'KD_TEACHER_MEM_GAP': None,     # None: the teacher config's TRAIN_LONG_TERM_MEM_GAP
+    'KD_TEACHER_SEED': 0,           # seeds a --teacher_ckpt random teacher (tests)
+    'KD_STUDENT_LAYER': 1,          # 1-based GPM index of the student (DeAOT-T has one)
+    'KD_LAMBDA': 1.5,               # weight of the attention term; 0 gives DIST alone
+    'KD_ATT_LOSS': 'cka',           # 'cka' | 'kl' | 'none'
+    'KD_ATT_TENSOR': 'id_out',      # 'id_out' (ID half of the gated output) | 'attn' (softmax)
+    'KD_INTER_WEIGHT': 1.0,         # DIST beta
+    'KD_INTRA_WEIGHT': 1.0,         # DIST gamma
+    'KD_INTER_MIN_CHANNELS': 3,     # samples with fewer valid channels skip L_inter
+    'KD_MEMORY_LABELS': 'teacher',  # what the student writes into memory: 'teacher' | 'student'
+    'KD_ID_SHUFFLE': True,          # shuffle the student's ID assignment (as upstream training)
+}
 RESULT_ROOT_ENV = 'AOT_RESULT_ROOT'
 
 
@@ -130,6 +150,10 @@ class DefaultEngineConfig:
         self.TEST_MAX_LONG_EDGE = 800 * 1.3
         self.TEST_WORKERS = 4
         self.TEST_EMA = False
+
+        # distillation (off: supervised stages; configs/kd_stage*.py turn it on)
+        self.TRAIN_KD = False
+        self.__dict__.update(KD_DEFAULTS)
 
         # distributed
         self.DIST_ENABLE = True

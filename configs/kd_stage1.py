@@ -32,21 +32,8 @@ class EngineConfig(DefaultEngineConfig):
         self.PRETRAIN_FULL = False
         self.PRETRAIN_MODEL = ''
 
-        # Distillation (docs/distillation.md; flags in kd.distiller.add_kd_arguments).
+        # Distillation: the KD_* fields keep configs/default.py's KD_DEFAULTS (the paper's
+        # recipe, docs/distillation.md); tools/train.py's --teacher / --kd_* flags set them.
         self.TRAIN_KD = True
-        self.KD_TEACHER = 'r50_deaotl'                 # --teacher
-        self.KD_TEACHER_CKPT = './pretrain_models/R50_DeAOTL_PRE_YTB_DAV.pth'  # --teacher_ckpt
-        self.KD_TEACHER_LAYER = 3       # teacher GPM distilled, 1-based (--kd_teacher_layer)
-        self.KD_TEACHER_MEM_GAP = None  # None: the teacher's TRAIN_LONG_TERM_MEM_GAP
-        self.KD_TEACHER_SEED = 0        # seeds a '--teacher_ckpt random' teacher (tests)
-        self.KD_STUDENT_LAYER = 1       # student GPM, 1-based (--kd_student_layer)
-        self.KD_LAMBDA = 1.5            # attention-term weight; 0 = DIST only (--kd_lambda)
-        self.KD_ATT_LOSS = 'cka'        # 'cka' | 'kl' | 'none' (--kd_att_loss)
-        self.KD_ATT_TENSOR = 'id_out'   # 'id_out' | 'attn' (--kd_att_tensor)
-        self.KD_INTER_WEIGHT = 1.0      # DIST beta
-        self.KD_INTRA_WEIGHT = 1.0      # DIST gamma
-        self.KD_INTER_MIN_CHANNELS = 3  # single-object samples skip the inter term
-        self.KD_MEMORY_LABELS = 'teacher'  # 'teacher' | 'student' (--kd_memory_labels)
-        self.KD_ID_SHUFFLE = True       # the student shuffles IDs, as upstream training
 
         self.init_dir()

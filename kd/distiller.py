@@ -129,7 +129,7 @@ class DistillationEngine(nn.Module):
                 raise ValueError(f'teacher captures GPM layer {teacher.layer} but '
                                  f'KD_TEACHER_LAYER is {s.teacher_layer}')
             if s.att_loss == 'kl':
-                seq_len = int(getattr(cfg, 'DATA_SEQ_LEN', 5))
+                seq_len = int(cfg.DATA_SEQ_LEN)
                 gaps = (min(int(cfg.TRAIN_LONG_TERM_MEM_GAP), seq_len),
                         min(teacher.long_term_mem_gap, seq_len))
                 if gaps[0] != gaps[1]:

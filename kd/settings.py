@@ -1,11 +1,13 @@
 """The ``KD_*`` settings of a distillation run: defaults, validation, command-line flags.
 
-:func:`kd_settings` reads and checks the fields of a config (:data:`KD_DEFAULTS` fill in
-the missing ones); :func:`add_kd_arguments` / :func:`apply_kd_arguments` are the
+:func:`kd_settings` reads and checks the fields of a config (declared with their
+defaults, ``KD_DEFAULTS``, in ``configs/default.py``); :func:`add_kd_arguments` / :func:`apply_kd_arguments` are the
 ``tools/train.py`` switches that set them. docs/distillation.md lists them.
 """
 import argparse
 from dataclasses import dataclass
+
+from configs.default import KD_DEFAULTS
 
 from .teacher import ATTENTION_TENSORS, RANDOM_TEACHER
 
@@ -15,25 +17,6 @@ __all__ = ['ATTENTION_LOSSES', 'MEMORY_LABELS', 'KD_DEFAULTS', 'KDSettings', 'kd
 ATTENTION_LOSSES = ('cka', 'kl', 'none')
 MEMORY_LABELS = ('teacher', 'student')
 
-# The KD fields and their defaults (the paper's recipe, docs/distillation.md). The
-# ``configs/kd_stage*.py`` configs list the same fields; these fill in for a config that
-# sets ``TRAIN_KD`` without them.
-KD_DEFAULTS = {
-    'KD_TEACHER': 'r50_deaotl',
-    'KD_TEACHER_CKPT': './pretrain_models/R50_DeAOTL_PRE_YTB_DAV.pth',
-    'KD_TEACHER_LAYER': 3,          # 1-based GPM index of the teacher (Table 4: 1, 2, 3)
-    'KD_TEACHER_MEM_GAP': None,     # None: the teacher config's TRAIN_LONG_TERM_MEM_GAP
-    'KD_TEACHER_SEED': 0,           # seeds a --teacher_ckpt random teacher
-    'KD_STUDENT_LAYER': 1,          # 1-based GPM index of the student (DeAOT-T has one)
-    'KD_LAMBDA': 1.5,               # weight of the attention term; 0 gives DIST alone
-    'KD_ATT_LOSS': 'cka',           # 'cka' | 'kl' | 'none'
-    'KD_ATT_TENSOR': 'id_out',      # 'id_out' (ID half of the gated output) | 'attn' (softmax)
-    'KD_INTER_WEIGHT': 1.0,         # DIST beta
-    'KD_INTRA_WEIGHT': 1.0,         # DIST gamma
-    'KD_INTER_MIN_CHANNELS': 3,     # samples with fewer valid channels skip L_inter
-    'KD_MEMORY_LABELS': 'teacher',  # what the student writes into memory: 'teacher' | 'student'
-    'KD_ID_SHUFFLE': True,          # shuffle the student's ID assignment (as upstream training)
-}
 
 
 @dataclass(frozen=True)
@@ -61,7 +44,7 @@ class KDSettings:
 
 def is_kd_config(cfg):
     """Whether a config asks for distillation (``TRAIN_KD``)."""
-    return bool(getattr(cfg, 'TRAIN_KD', False))
+    return bool(cfg.TRAIN_KD)
 
 
 def _is_int(x):
@@ -69,13 +52,13 @@ def _is_int(x):
 
 
 def kd_settings(cfg):
-    """Read and validate the ``KD_*`` fields of ``cfg`` (missing ones take the defaults).
+    """Read and validate the ``KD_*`` fields of ``cfg``.
 
     Raises ``ValueError`` naming the field for a bad value, and for the combinations that
     cannot work: the ``'kl'`` attention loss needs softmax maps over the same keys, so it
     requires ``KD_ATT_TENSOR='attn'`` and a vanilla (not deformable) student.
     """
-    get = {k: getattr(cfg, k, v) for k, v in KD_DEFAULTS.items()}
+    get = {k: getattr(cfg, k) for k in KD_DEFAULTS}
     try:
         lam = float(get['KD_LAMBDA'])
     except (TypeError, ValueError):
@@ -113,7 +96,7 @@ def kd_settings(cfg):
         if cfg.MODEL_LT_ATTENTION != 'vanilla':
             raise ValueError(
                 "KD_ATT_LOSS='kl' needs the student's and the teacher's attention over the same "
-                f"keys, but the student {getattr(cfg, 'MODEL_ID', '?')!r} uses "
+                f"keys, but the student {cfg.MODEL_ID!r} uses "
                 f"{cfg.MODEL_LT_ATTENTION!r} long-term attention (sampled keys, a different "
                 "key count); use a vanilla student (e.g. deaott instead of deaott_gda) or "
                 "KD_ATT_LOSS='cka'")

@@ -315,7 +315,7 @@ def export_student(model, cfg, out_path, input_size, opset=OPSET, trained=True):
     from utils.io import atomic_write
 
     model = model.eval()
-    if getattr(cfg, 'MODEL_ALIGN_CORNERS', True):
+    if cfg.MODEL_ALIGN_CORNERS:
         bad = [s for s in input_size if (s - 1) % 16]
         rule = '16k+1'
     else:

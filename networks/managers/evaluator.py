@@ -102,7 +102,7 @@ def eval_name(cfg, ckpt):
         exp_name += '_L{}'.format(int(cfg.MODEL_LSTT_NUM))
     name = '{}_{}_{}_{}_ckpt_{}'.format(cfg.TEST_DATASET, cfg.TEST_DATASET_SPLIT, exp_name,
                                         cfg.STAGE_NAME, ckpt)
-    if getattr(cfg, 'TEST_EMA', False):
+    if cfg.TEST_EMA:
         name += '_ema'
     if cfg.TEST_FLIP:
         name += '_flip'
@@ -134,7 +134,7 @@ def resolve_checkpoint(cfg):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'checkpoint not found: {path}')
         return path, checkpoint_tag(path)
-    folder = cfg.DIR_EMA_CKPT if getattr(cfg, 'TEST_EMA', False) else cfg.DIR_CKPT
+    folder = cfg.DIR_EMA_CKPT if cfg.TEST_EMA else cfg.DIR_CKPT
     if cfg.TEST_CKPT_STEP is not None:
         step = int(cfg.TEST_CKPT_STEP)
         path = checkpoint_path(folder, step)
@@ -283,7 +283,7 @@ class Evaluator:
                 torch.manual_seed(TEST_CKPT_SEED)
                 model = build_vos_model(cfg.MODEL_VOS, cfg)
             return model.to(self.device).eval()
-        _, model, _ = load_vos_model(getattr(cfg, 'MODEL_ID', cfg.MODEL_NAME), self.ckpt_path,
+        _, model, _ = load_vos_model(cfg.MODEL_ID, self.ckpt_path,
                                      device=self.device, cfg=cfg)
         self.print_log(f'Loaded checkpoint {self.ckpt_path}')
         return model

@@ -246,7 +246,7 @@ def build_train_step(trainer):
     """The step for ``trainer`` (the order is in the module docstring)."""
     cfg = trainer.cfg
     factory = getattr(sys.modules.get(type(cfg).__module__), 'build_step', None)
-    if factory is None and getattr(cfg, 'TRAIN_KD', False):
+    if factory is None and cfg.TRAIN_KD:
         factory = step_builder('kd')
         if factory is None:
             raise RuntimeError(f'cfg.TRAIN_KD is set ({type(cfg).__module__}) but no step is '
