@@ -23,46 +23,13 @@ aot-benchmark's evaluator does, so published checkpoints reproduce their numbers
   with ``eval_name = <dataset>_<split>_<EXP_NAME>_<STAGE_NAME>_ckpt_<step|test|stem_hash>``
   followed by ``_ema``, ``_flip`` and ``_ms_<scales>`` as they apply.
 
-Differences from upstream (all deliberate):
-
-* **New-object count** (upstream bug 4): at an annotated frame upstream sets the object count
-  to ``max(pred_label)``, so if the object with the highest id is not predicted at that moment
-  its channel is masked for the rest of the video. We use the number of objects known so far,
-  ``len(obj_idx) - 1``.
-* ``MODEL_USE_PREV_PROB`` works (upstream bug 3: a NameError): each engine's memory then gets
-  its own probabilities, resized with ``nearest`` as upstream wrote it.
-* The reference-frame annotation is copied into the results by the evaluator (datasets have no
-  side effects), re-encoded with upstream's palette and the original ids.
-* Predictions go to the CPU frame by frame (upstream kept a whole sequence on the GPU) and are
-  written by a thread pool that is joined before the sequence is marked finished.
-* **Resume**: after all PNGs of a sequence are written, ``<eval dir>/progress/<seq>.json`` is
-  written atomically. A later run skips sequences with a marker whose files exist and whose
-  settings match, and redoes half-finished ones.
-* The submission zip is built only after every writer (thread and process) has finished, from
-  the markers' file lists (so it holds exactly the expected entries), into a temporary file that
-  is then renamed. Upstream zipped every dataset; we zip YouTube-VOS (the server's format) and
-  DAVIS test-dev (sequence folders at the zip root, as its CodaLab server requires).
-* DAVIS runs whose ground truth covers every frame (val) are scored here with the official J&F
-  protocol (:func:`utils.metrics.evaluate_davis`): the toolkit's CSVs go into the results folder and a
-  full-precision ``jf_scores-<set>.json`` next to it.
-* **No silent reuse of a result folder.** An explicit ``--ckpt_path`` is named after the file
-  (its stem and the first 8 hex digits of its SHA-256: ``..._ckpt_A_1f0c2e9a``) where upstream
-  wrote ``ckpt_unknown`` for every file, so two checkpoints never share a folder. Each folder
-  records the settings it was made with (``<eval dir>/settings.json``, the checkpoint by content
-  hash); a run with other settings is refused unless ``overwrite`` (``--overwrite``), which
-  recomputes every sequence.
-* Per-sequence and overall FPS and peak memory go to ``<eval dir>/timing.json``. On the CPU,
-  time is wall time and memory the process's peak RSS (it cannot be reset per sequence).
-* ``--ckpt_path test`` builds the random-weight model under a fixed seed, so that several
-  processes share the same weights. With ``TEST_EMA`` and no explicit step, the latest step is
-  looked up in the EMA folder itself (upstream looked in the non-EMA one).
-* Several processes (``TEST_GPU_NUM``) pull sequence indices from one queue that the launching
-  process fills, on CUDA (one GPU each) or on the CPU (threads split between them).
+Where this differs from upstream (resume markers, settings-checked result folders, the
+new-object count, atomic zips, J&F scoring, timing) is listed in docs/upstream_differences.md
+("Evaluation").
 """
 import json
 import os
 import time
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -76,11 +43,13 @@ from dataloaders.eval_datasets import (DAVIS_Test, YOUTUBEVOS_DenseTest, YOUTUBE
 from dataloaders.eval_transforms import build_eval_transform
 from networks.engines import build_engine
 from networks.engines.postprocess import channel_argmax
-from utils.checkpoint import checkpoint_path, latest_checkpoint
+from networks.managers.eval_paths import (checkpoint_tag, eval_name,  # noqa: F401  (public here too)
+                                          resolve_checkpoint, write_zip)
 from utils.image import save_mask
 from utils.device import peak_memory_mb, resolve_device, resolve_precision
-from utils.io import atomic_write, atomic_write_json, file_sha256
+from utils.io import atomic_write_json, file_sha256
 from utils.metrics import evaluate_davis
+from utils.timing import FrameTimer
 
 DATASETS = ('davis2017', 'davis2016', 'youtubevos2018', 'youtubevos2019', 'custom')
 SPLITS = ('val', 'val_all_frames', 'test')
@@ -91,111 +60,11 @@ TEST_CKPT_SEED = 0
 _MAX_PENDING_WRITES = 64
 
 
-# ------------------------------------------------------------------------------------------
-# Names and paths
-# ------------------------------------------------------------------------------------------
-
-def eval_name(cfg, ckpt):
-    """Upstream's result-folder name for this config and checkpoint tag."""
-    exp_name = cfg.EXP_NAME
-    if 'aost' in cfg.MODEL_VOS:
-        exp_name += '_L{}'.format(int(cfg.MODEL_LSTT_NUM))
-    name = '{}_{}_{}_{}_ckpt_{}'.format(cfg.TEST_DATASET, cfg.TEST_DATASET_SPLIT, exp_name,
-                                        cfg.STAGE_NAME, ckpt)
-    if cfg.TEST_EMA:
-        name += '_ema'
-    if cfg.TEST_FLIP:
-        name += '_flip'
-    if len(cfg.TEST_MULTISCALE) > 1:
-        name += '_ms_' + str(list(cfg.TEST_MULTISCALE)).replace('.', 'dot').replace(
-            '[', '').replace(']', '').replace(', ', '_')
-    return name
-
-
-def checkpoint_tag(path):
-    """``<stem>_<sha256[:8]>`` of a checkpoint file, safe as part of a folder name."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    stem = ''.join(c if c.isalnum() or c in '-.' else '_' for c in stem) or 'ckpt'
-    return f'{stem}_{file_sha256(path)[:8]}'
-
-
-def resolve_checkpoint(cfg):
-    """``(path or None, tag)`` of the checkpoint to evaluate, as upstream picks it.
-
-    ``TEST_CKPT_PATH == 'test'``: no checkpoint (random weights), tag ``'test'``. An explicit
-    path: tag ``<file stem>_<first 8 hex digits of its SHA-256>`` (upstream: ``'unknown'``, so
-    every file shared one folder). Otherwise ``save_step_<TEST_CKPT_STEP>.pth`` (or the latest one)
-    in ``DIR_CKPT``, or ``DIR_EMA_CKPT`` with ``TEST_EMA``; the tag is the step.
-    """
-    path = cfg.TEST_CKPT_PATH
-    if path == 'test':
-        return None, 'test'
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'checkpoint not found: {path}')
-        return path, checkpoint_tag(path)
-    folder = cfg.DIR_EMA_CKPT if cfg.TEST_EMA else cfg.DIR_CKPT
-    if cfg.TEST_CKPT_STEP is not None:
-        step = int(cfg.TEST_CKPT_STEP)
-        path = checkpoint_path(folder, step)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'checkpoint not found: {path} (step {step} of {folder})')
-        return path, str(step)
-    step, path = latest_checkpoint(folder)
-    if path is None:
-        raise FileNotFoundError(f'no checkpoint save_step_<N>.pth in {folder}; pass --ckpt_path '
-                                f'<file>, --ckpt_step N, or --ckpt_path test for random weights')
-    return path, str(step)
-
-
-def write_zip(zip_path, members):
-    """Write ``members`` (``[(file path, archive name)]``) into ``zip_path`` atomically."""
-    def _write(f):
-        with zipfile.ZipFile(f, 'w', zipfile.ZIP_DEFLATED) as zf:
-            for src, arcname in members:
-                zf.write(src, arcname)
-    atomic_write(zip_path, _write)
-
-
 def _available_cores():
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-class _FrameTimer:
-    """Network time per frame: CUDA events on a GPU (no sync per frame), wall time on CPU."""
-
-    def __init__(self, device):
-        self.cuda = device.type == 'cuda'
-        self.spans = []
-
-    def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def start(self):
-        self.spans.append([self._now(), None])
-
-    def stop(self):
-        self.spans[-1][1] = self._now()
-
-    def last(self):
-        begin, end = self.spans[-1]
-        if self.cuda:
-            end.synchronize()
-            return begin.elapsed_time(end) / 1e3
-        return end - begin
-
-    def total(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            return sum(b.elapsed_time(e) for b, e in self.spans) / 1e3
-        return sum(e - b for b, e in self.spans)
 
 
 def _stem(name):
@@ -500,7 +369,7 @@ class Evaluator:
         sparse = set(getattr(seq, 'images_sparse', ())) if self.result_root_sparse else set()
         loader = DataLoader(seq, batch_size=None, shuffle=False, num_workers=self.workers,
                             pin_memory=self.device.type == 'cuda')
-        timer = _FrameTimer(self.device)
+        timer = FrameTimer(self.device)
         futures, files = [], {'dense': []}
         if self.result_root_sparse:
             files['sparse'] = []
