@@ -33,6 +33,8 @@ import torch.nn as nn
 
 # One home for cutting a clip's encoder outputs into frames: the engines'.
 from networks.engines.aot_engine import split_frames as split_clip_embeddings
+from networks.engines import build_engine
+from networks.models import load_vos_model
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,6 @@ class Teacher(nn.Module):
 
     def __init__(self, model, layer=3, tensor='id_out', capture=True, long_term_mem_gap=None):
         super().__init__()
-        from networks.engines import build_engine
         if tensor not in ATTENTION_TENSORS:
             raise ValueError(f'teacher attention tensor must be one of {ATTENTION_TENSORS}, '
                              f'got {tensor!r}')
@@ -202,7 +203,6 @@ def build_teacher(model_id, ckpt_path, device='cpu', layer=3, tensor='id_out', c
         ValueError: no checkpoint given. FileNotFoundError: the checkpoint file is missing
         (the message names it). CheckpointMismatchError: it does not fit ``model_id``.
     """
-    from networks.models import load_vos_model
     if not ckpt_path:
         raise ValueError(f'no checkpoint for the teacher {model_id!r}: set KD_TEACHER_CKPT '
                          f'(flag --teacher_ckpt) to its weights, e.g. '

@@ -1,4 +1,4 @@
-"""Gated Deformable Attention against independent float64 references (method_spec.md §1, §3).
+"""Gated Deformable Attention against independent float64 references (docs/gda.md).
 
 References written here, not taken from the module:
 * Eq. (3): position = cell-centre reference + bounded offset, clamped to [-1, 1];

@@ -1,7 +1,7 @@
 """End-to-end evaluation: ``tools/eval.py`` on tiny DAVIS- and YouTube-VOS-style datasets.
 
 Random-weight DeAOT-T (``--ckpt_path test``), flip on. What is checked comes from the formats
-(davis_metrics.md §1, §12; upstream_deaot.md §4.7), never from a previous run of this code:
+(the DAVIS protocol of docs/metrics_speed.md and upstream's evaluator loop), never from a previous run of this code:
 every expected PNG, palette mode with upstream's palette, original ids only, the ground-truth
 size, the given annotations reproduced where they are given, objects absent before they
 appear, the zip's exact entry list, the J&F files, resuming without recomputing, the
@@ -271,7 +271,7 @@ def test_youtubevos_masks_ids_and_new_objects(ytb_run):
 
 
 def _reference_drive(cfg, model, seq):
-    """upstream_deaot.md §4.7 written out for one sequence: per augmentation an engine, logits
+    """Upstream's evaluator loop written out for one sequence: per augmentation an engine, logits
     decoded at the output size and flipped back before the softmax, the mean of the softmaxes,
     each engine fed its own argmax, given objects pasted and re-referenced. Returns
     {frame stem: (H, W) original ids}."""

@@ -11,7 +11,7 @@ from tests.conftest import shared_path
 
 
 def reference_size(h, w, max_short=None, max_long=None, scale=1.0, ac=True, stride=16):
-    """Spec (upstream_deaot.md 4.8) written out; Python's round() is half-to-even like np.around."""
+    """Upstream's test-time resize rule written out; Python's round() is half-to-even like np.around."""
     if max_short is not None and min(h, w) > max_short:
         f = max_short / min(h, w)
         h, w = h * f, w * f

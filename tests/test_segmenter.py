@@ -2,7 +2,7 @@
 
 Models have random weights (the bookkeeping and the engine driving do not depend on them). The
 evaluator loop below is written independently of the segmenter, from upstream's
-``networks/managers/evaluator.py`` (spec: upstream_deaot.md §4.7).
+``networks/managers/evaluator.py`` (upstream's evaluator loop; docs/upstream_differences.md, "Evaluation").
 """
 import numpy as np
 import pytest

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from networks.layers.basic import seq_to_2d
+from networks.layers.loss import CrossEntropyLoss, SoftJaccordLoss
 
 from .identity import generate_permute_matrix, one_hot_mask
 from .memory import VOSMemory
@@ -262,7 +263,6 @@ class AOTEngine(nn.Module):
 
     # -- training ---------------------------------------------------------------------
     def _init_losses(self):
-        from networks.layers.loss import CrossEntropyLoss, SoftJaccordLoss
         cfg = self.cfg
         self.losses = nn.ModuleList([
             CrossEntropyLoss(cfg.TRAIN_TOP_K_PERCENT_PIXELS,

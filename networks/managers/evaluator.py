@@ -45,6 +45,7 @@ from networks.engines import build_engine
 from networks.engines.postprocess import channel_argmax
 from networks.managers.eval_paths import (checkpoint_tag, eval_name,  # noqa: F401  (public here too)
                                           resolve_checkpoint, write_zip)
+from networks.models import build_vos_model, load_vos_model
 from utils.image import save_mask
 from utils.device import peak_memory_mb, resolve_device, resolve_precision
 from utils.io import atomic_write_json, file_sha256
@@ -143,7 +144,6 @@ class Evaluator:
         return self._model
 
     def _build_model(self):
-        from networks.models import build_vos_model, load_vos_model
         cfg = self.cfg
         if self.ckpt_path is None:
             self.print_log('Test evaluation: random weights (--ckpt_path test).')

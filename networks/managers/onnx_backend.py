@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from configs.default import build_config
+
 from networks.engines.aot_engine import AOTInferEngine, _mask_value, resize_logits
 from networks.engines.memory import MemoryEntry, VOSMemory
 from networks.engines.onnx_graphs import FIELDS as _ENTRY_FIELDS
@@ -119,7 +121,6 @@ class OnnxStudent:
 
     def build_config(self):
         """The model id's engine config with the exported runtime fields."""
-        from configs.default import build_config
         cfg = build_config('pre_ytb_dav', 'default', self.config['MODEL_ID'])
         for key, value in self.config.items():
             setattr(cfg, key, value)

@@ -49,12 +49,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from configs.default import load_model_config
 from dataloaders.eval_transforms import MultiRestrictSize, MultiToTensor
 from networks.engines import build_engine
 from networks.engines.memory import APP_LONG_TERM_MEM_MAX
 from networks.engines.postprocess import channel_argmax
+from networks.managers.onnx_backend import OnnxInferEngine, open_for_segmenter
+from networks.models import allowed_missing_prefixes, load_vos_model
 from networks.models.zoo import DEFAULT_MODEL, PRETRAIN_DIR, expected_files, find_checkpoint
+from utils.checkpoint import load_network
 from utils.device import resolve_device, resolve_precision
+from utils.image import read_mask
+from utils.video_io import open_frames
 
 DEFAULT_MAX_RESOLUTION = 480 * 1.3  # upstream's --max_resolution: long edge <= 624*800/480 = 1040
 AUTO_WEIGHTS = 'auto'  # ckpt_path default: the model id's weights from pretrain_models/
@@ -150,7 +156,6 @@ class VideoObjectSegmenter:
         if backend not in ('torch', 'onnxruntime'):
             raise ValueError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
         if backend == 'onnxruntime':
-            from networks.managers.onnx_backend import open_for_segmenter
             self.onnx, self.cfg = open_for_segmenter(model, ckpt_path, self.device, dtype, amp,
                                                      onnx_threads)
             self.model, self.load_report = None, None
@@ -160,15 +165,11 @@ class VideoObjectSegmenter:
             self.cfg = cfg if cfg is not None else model.cfg
             self.load_report = None
             if ckpt_path:
-                from networks.models import allowed_missing_prefixes
-                from utils.checkpoint import load_network
                 model, self.load_report = load_network(
                     model, ckpt_path, allow_missing_prefixes=allowed_missing_prefixes(self.cfg))
             self.model = model.to(self.device).eval()
         else:
-            from networks.models import load_vos_model
             if ckpt_path == AUTO_WEIGHTS:
-                from configs.default import load_model_config
                 name = (cfg if cfg is not None else load_model_config(model)).MODEL_NAME
                 ckpt_path = find_checkpoint(model, name)
                 if ckpt_path is None:
@@ -205,7 +206,6 @@ class VideoObjectSegmenter:
 
         Frames are decoded one at a time during :meth:`propagate`. Resets the state.
         """
-        from utils.video_io import open_frames
         self.close()
         self.source = open_frames(video) if isinstance(video, (str, os.PathLike)) else video
         self.reset()
@@ -308,7 +308,6 @@ class VideoObjectSegmenter:
         frame_idx = int(frame_idx)
         what = f'mask for frame {frame_idx}'
         if isinstance(mask, (str, os.PathLike)):
-            from utils.image import read_mask
             what = os.fspath(mask)
             ids = read_mask(mask, size=self.frame_size).astype(np.int64)
         else:
@@ -504,7 +503,6 @@ class VideoObjectSegmenter:
                       short_term_mem_skip=self.short_term_mem_skip,
                       long_term_mem_max=self.long_term_mem_max)
         if self.onnx is not None:
-            from networks.managers.onnx_backend import OnnxInferEngine
             return OnnxInferEngine(self.onnx, **kwargs)
         return build_engine(self.cfg.MODEL_ENGINE, phase='eval', aot_model=self.model, **kwargs)
 

@@ -2,6 +2,10 @@
 ``load_vos_model`` (config + model + optional checkpoint) for tools and the API."""
 import logging
 
+from configs.default import build_config
+from utils.checkpoint import (CheckpointMismatchError, extract_state_dict, load_network,
+                              read_state_dict)
+
 from .aot import AOT
 from .deaot import DeAOT
 
@@ -42,7 +46,6 @@ def closest_model_ids(state):
 
     Models are built on the ``meta`` device (no memory, no init), so this costs seconds."""
     import torch
-    from configs.default import build_config
     scores = []
     for model_id in _known_model_ids():
         try:
@@ -80,8 +83,6 @@ def load_vos_model(model_id='deaott', ckpt_path=None, device='cpu', cfg=None, st
     Returns ``(cfg, model, report)``; the model is in eval mode on ``device``. A vanilla
     DeAOT checkpoint loads into a GDA model with only the offset networks new (reported).
     """
-    from configs.default import build_config
-    from utils.checkpoint import load_network
     if cfg is None:
         cfg = build_config(stage, exp_name, model_id)
     model = build_vos_model(cfg.MODEL_VOS, cfg)
@@ -89,7 +90,6 @@ def load_vos_model(model_id='deaott', ckpt_path=None, device='cpu', cfg=None, st
     if ckpt_path:
         allow = allowed_missing_prefixes(cfg)
         import os
-        from utils.checkpoint import CheckpointMismatchError, extract_state_dict, read_state_dict
         state = (read_state_dict(ckpt_path) if isinstance(ckpt_path, (str, os.PathLike))
                  else extract_state_dict(ckpt_path))
         try:

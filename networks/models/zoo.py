@@ -13,6 +13,8 @@ data than ours), then the shipped one.
 """
 import os
 
+from configs.default import load_model_config
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRETRAIN_DIR = os.path.join(REPO_ROOT, 'pretrain_models')
 
@@ -35,7 +37,6 @@ def find_checkpoint(model_id, model_name=None, folder=None):
     if not os.path.isdir(folder):
         return None
     if model_name is None:
-        from configs.default import load_model_config
         model_name = load_model_config(model_id).MODEL_NAME
     files = {f.lower(): f for f in os.listdir(folder)}
     names = [f'{model_name}_{stage}.pth' for stage in RELEASE_STAGES]
