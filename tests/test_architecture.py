@@ -179,3 +179,19 @@ def test_no_import_goes_up_a_layer(graph):
 
 def test_no_import_cycle(graph):
     assert cycles(graph) == []
+
+
+def test_cli_flag_tables_name_real_flags_and_fields():
+    """Every row of the tools' flag -> field tables names a flag the parser defines and a
+    field the config declares (a typo would silently drop the flag)."""
+    from configs.default import build_config
+    from tools import eval as eval_tool
+    from tools import train as train_tool
+
+    for parser, table, stage in ((eval_tool.build_parser(), eval_tool.EVAL_FLAGS, 'pre_dav'),
+                                 (train_tool.build_parser(), train_tool.TRAIN_FLAGS, 'pre')):
+        dests = {a.dest for a in parser._actions}
+        cfg = build_config(stage, 'x', 'deaott')
+        for flag, field, _ in table:
+            assert flag in dests, flag
+            assert hasattr(cfg, field), field

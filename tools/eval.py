@@ -24,6 +24,7 @@ if __package__ in (None, ''):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from networks.managers.evaluator import DATASETS, SPLITS  # noqa: E402
+from utils.cli import GIVEN, POSITIVE, apply_flags  # noqa: E402
 
 
 def build_parser():
@@ -82,6 +83,20 @@ def _point_roots_at(cfg, path):
         cfg.DIR_YTB = path
 
 
+# flag -> config field (utils/cli.py): each is copied when given.
+EVAL_FLAGS = (
+    ('lstt_num', 'MODEL_LSTT_NUM', POSITIVE),
+    ('lt_gap', 'TEST_LONG_TERM_MEM_GAP', POSITIVE),
+    ('lt_max', 'TEST_LONG_TERM_MEM_MAX', POSITIVE),
+    ('st_skip', 'TEST_SHORT_TERM_MEM_SKIP', POSITIVE),
+    ('max_id_num', 'MODEL_MAX_OBJ_NUM', POSITIVE),
+    ('ckpt_path', 'TEST_CKPT_PATH', GIVEN),
+    ('ckpt_step', 'TEST_CKPT_STEP', POSITIVE),
+    ('dataset', 'TEST_DATASET', GIVEN),
+    ('split', 'TEST_DATASET_SPLIT', GIVEN),
+)
+
+
 def config_from_args(args):
     from configs.default import build_config
     cfg = build_config(args.stage, args.exp_name, args.model)
@@ -92,24 +107,7 @@ def config_from_args(args):
     cfg.TEST_EMA = args.ema
     cfg.TEST_GPU_ID = args.gpu_id
     cfg.TEST_GPU_NUM = args.gpu_num
-    if args.lstt_num > 0:
-        cfg.MODEL_LSTT_NUM = args.lstt_num
-    if args.lt_gap > 0:
-        cfg.TEST_LONG_TERM_MEM_GAP = args.lt_gap
-    if args.lt_max > 0:
-        cfg.TEST_LONG_TERM_MEM_MAX = args.lt_max
-    if args.st_skip > 0:
-        cfg.TEST_SHORT_TERM_MEM_SKIP = args.st_skip
-    if args.max_id_num > 0:
-        cfg.MODEL_MAX_OBJ_NUM = args.max_id_num
-    if args.ckpt_path != '':
-        cfg.TEST_CKPT_PATH = args.ckpt_path
-    if args.ckpt_step > 0:
-        cfg.TEST_CKPT_STEP = args.ckpt_step
-    if args.dataset != '':
-        cfg.TEST_DATASET = args.dataset
-    if args.split != '':
-        cfg.TEST_DATASET_SPLIT = args.split
+    apply_flags(cfg, args, EVAL_FLAGS)
     if cfg.TEST_DATASET not in DATASETS:
         raise ValueError(f'--dataset must be one of {", ".join(DATASETS)}, got '
                          f'{cfg.TEST_DATASET!r}')

@@ -52,6 +52,7 @@ import torch  # noqa: E402
 
 # Importing kd also registers its training step for TRAIN_KD configs (also in spawned processes).
 from kd.distiller import add_kd_arguments, apply_kd_arguments  # noqa: E402
+from utils.cli import GIVEN, NON_NEGATIVE, POSITIVE, apply_flags  # noqa: E402
 
 KD_STAGES = ('kd_stage1', 'kd_stage2')
 TORCHRUN_ENV = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')
@@ -136,6 +137,21 @@ def resolve_model(args, stage):
     return getattr(importlib.import_module('configs.' + stage), 'DEFAULT_MODEL', 'aott')
 
 
+# flag -> config field (utils/cli.py): each is copied when given.
+TRAIN_FLAGS = (
+    ('max_id_num', 'MODEL_MAX_OBJ_NUM', POSITIVE),
+    ('batch_size', 'TRAIN_BATCH_SIZE', POSITIVE),
+    ('pretrained_path', 'PRETRAIN_MODEL', GIVEN),
+    ('lr', 'TRAIN_LR', POSITIVE),
+    ('total_step', 'TRAIN_TOTAL_STEPS', POSITIVE),
+    ('start_step', 'TRAIN_START_STEP', POSITIVE),
+    ('resume_step', 'TRAIN_RESUME_STEP', POSITIVE),
+    ('save_step', 'TRAIN_SAVE_STEP', POSITIVE),
+    ('log_step', 'TRAIN_LOG_STEP', POSITIVE),
+    ('workers', 'DATA_WORKERS', NON_NEGATIVE),
+)
+
+
 def build_cfg(args):
     from configs.default import build_config
     stage = resolve_stage(args)
@@ -144,33 +160,15 @@ def build_cfg(args):
         cfg.init_dir(data=args.data_path)
     if args.datasets:
         cfg.DATASETS = list(args.datasets)
-    if args.max_id_num > 0:
-        cfg.MODEL_MAX_OBJ_NUM = args.max_id_num
     cfg.DIST_START_GPU = args.start_gpu
-    if args.batch_size > 0:
-        cfg.TRAIN_BATCH_SIZE = args.batch_size
-    if args.pretrained_path:
-        cfg.PRETRAIN_MODEL = args.pretrained_path
-        if not cfg.PRETRAIN_FULL:
-            print(f'note: --pretrained_path is a whole VOS model, but stage {cfg.STAGE_NAME} '
-                  f'starts from ImageNet encoder weights (PRETRAIN_FULL=False), as upstream; '
-                  f'add --set PRETRAIN_FULL=True to start from it', file=sys.stderr)
-    if args.lr > 0:
-        cfg.TRAIN_LR = args.lr
-    if args.total_step > 0:
-        cfg.TRAIN_TOTAL_STEPS = args.total_step
-    if args.start_step > 0:
-        cfg.TRAIN_START_STEP = args.start_step
+    apply_flags(cfg, args, TRAIN_FLAGS)
+    if args.pretrained_path and not cfg.PRETRAIN_FULL:
+        print(f'note: --pretrained_path is a whole VOS model, but stage {cfg.STAGE_NAME} '
+              f'starts from ImageNet encoder weights (PRETRAIN_FULL=False), as upstream; '
+              f'add --set PRETRAIN_FULL=True to start from it', file=sys.stderr)
     if args.resume_step > 0:
         cfg.TRAIN_RESUME = True
-        cfg.TRAIN_RESUME_STEP = args.resume_step
         cfg.TRAIN_RESUME_CKPT = args.resume_step
-    if args.save_step > 0:
-        cfg.TRAIN_SAVE_STEP = args.save_step
-    if args.log_step > 0:
-        cfg.TRAIN_LOG_STEP = args.log_step
-    if args.workers >= 0:
-        cfg.DATA_WORKERS = args.workers
     if args.no_pretrain:
         cfg.PRETRAIN = False
     apply_kd_arguments(cfg, args)
