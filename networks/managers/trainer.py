@@ -1,65 +1,10 @@
 """Training manager (upstream ``networks/managers/trainer.py``).
 
 ``Trainer(rank, cfg, device=...)`` builds the model, the optimiser, the data pipeline and
-(for ``cfg.TRAIN_GPUS > 1`` processes) DistributedDataParallel; ``sequential_training()`` runs
-the loop. One process per device; ``tools/train.py`` launches them (one process, ``--gpu_num N``
-spawned processes, or ``torchrun`` across machines).
-
-What a step does, as upstream with its bugs fixed (docs/upstream_differences.md):
-
-* LR: warm-up + poly decay per step (:mod:`utils.learning`), encoder groups scaled by
-  ``TRAIN_LR_ENCODER_RATIO``; from ``int(TRAIN_SEQ_TRAINING_START_RATIO * TOTAL)`` on, the
-  *sequential phase*: memory IDs come from the model's own predictions (``use_prev_pred``) and
-  ``TRAIN_SEQ_TRAINING_FREEZE_PARAMS`` (``patch_wise_id_bank``) get lr 0 and no weight decay.
-* forward under ``torch.autocast(device_type, dtype)`` when AMP is on (fp16 with a
-  ``GradScaler``, or bf16 without one); backward; the gradients are unscaled *before*
-  ``clip_grad_norm_(TRAIN_CLIP_GRAD_NORM)``, so clipping acts on the true float32 gradients in
-  every mode (upstream's fp32 path clipped before backward, i.e. never); optimiser step; EMA
-  update on rank 0.
-* exactly ``TRAIN_TOTAL_STEPS`` steps (upstream ran one more after its last checkpoint).
-* checkpoints every ``TRAIN_SAVE_STEP`` steps and at the end: ``DIR_CKPT/save_step_N.pth`` in
-  upstream's format (``state_dict`` with bare model keys, ``optimizer``, ``scaler``) plus our
-  extra keys ``trainer`` (step, seed, batch, ...) and ``step_state``; and
-  ``DIR_EMA_CKPT/save_step_N.pth`` holding the EMA weights under ``state_dict`` and the EMA
-  counters under ``ema`` -- but *no* optimiser state (upstream copied the live optimiser into
-  the EMA file, doubling its size for nothing). Upstream's ``load_network`` reads only
-  ``state_dict``, so it still loads both files. Files are written to a temporary name and
-  renamed; the EMA file is written first, so a ``save_step_N.pth`` in ``DIR_CKPT`` means step
-  N was saved completely. Only the newest ``TRAIN_MAX_KEEP_CKPT`` files per folder are kept.
-* resume: from the latest ``DIR_CKPT/save_step_N.pth`` (``TRAIN_AUTO_RESUME``) or from
-  ``TRAIN_RESUME_STEP`` (``--resume_step``): model, optimiser (matched by parameter name),
-  scaler, EMA and the data position. Otherwise, from ImageNet weights for the encoder
-  (``PRETRAIN`` and not ``PRETRAIN_FULL``; ``MODEL_ENCODER_PRETRAIN``) or a whole VOS model
-  (``PRETRAIN_FULL``; ``PRETRAIN_MODEL``). A missing weight file is an error naming it.
-
-Logging (rank 0): a tqdm bar (loss, lr, it/s), a line every ``TRAIN_LOG_STEP`` steps with the
-loss, lr, it/s, gradient norm and per-frame loss / IoU averaged over the steps and processes
-since the last line (also appended to ``DIR_LOG/train.log``), and the same scalars in
-tensorboard when ``TRAIN_TBLOG`` is set and ``tensorboard`` is installed (an optional
-dependency). Upstream's JPEG visualisations (``TRAIN_IMG_LOG``) are not written. The training
-loss is not comparable across steps (its auxiliary weight and hard-pixel mining follow a
-schedule); :func:`evaluate_step` gives a fixed criterion.
-
-DDP wraps the step's engine (``static_graph=True``: the parameters that get no gradient --
-AOT's ``mask_token``; the ID bank in the sequential phase -- are found once per phase, the
-wrapper being rebuilt when the phase changes). Optimiser groups are named after the bare model
-(``LSTT.layers.0...``, not upstream's ``module.AOT.LSTT...``), so optimiser states move between
-DDP and single-process runs.
-
-Reproducibility: the data order is a function of ``(seed, epoch)`` only and is cut into
-*global* batches, each process taking its slice (:class:`GlobalBatchSampler`); each step
-re-seeds torch's global RNG from ``(seed, step, rank)`` (drop-path, dropout) and draws the
-ID shuffle of every sample of the global batch from ``(seed, step)``. So a run resumed at step
-N continues exactly as the uninterrupted run, and N processes on B/N samples each compute the
-same update as one process on all B (with drop-path off; its masks are drawn per process).
-
-The training step
------------------
-The per-step computation is a replaceable strategy, ``trainer.step_fn``, a
-:class:`~networks.managers.train_step.TrainStep` (``networks/managers/train_step.py``: the
-interface, upstream's supervised step and how a config picks its step). The trainer owns
-everything around it (optimiser, LR, AMP, clipping, EMA, DDP process group, checkpoints, data,
-logging); the step owns how a batch becomes a loss.
+(for several processes) DistributedDataParallel; ``sequential_training()`` runs the loop. The
+step itself (how a batch becomes a loss) is a :class:`~networks.managers.train_step.TrainStep`;
+the trainer owns everything around it: LR schedule, AMP, clipping, EMA, process group,
+checkpoints and resume, data order, logging. docs/training.md describes each of them.
 """
 import datetime
 import logging
@@ -69,8 +14,9 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
+from dataloaders.samplers import GlobalBatchSampler
 from dataloaders.train_datasets import build_train_dataset, validate_train_files, worker_init_fn
 from networks.encoders.pretrained import load_imagenet_weights
 from networks.models import allowed_missing_prefixes, build_vos_model
@@ -98,60 +44,6 @@ AMP_DTYPES = {'fp16': torch.float16, 'float16': torch.float16, 'bf16': torch.bfl
 
 class TrainDataError(ValueError):
     """The training set is missing, empty or has an unreadable file (named in the message)."""
-
-
-# ------------------------------------------------------------------------------------------
-# data order
-
-
-class GlobalBatchSampler(Sampler):
-    """Index lists of this process's share of each global batch.
-
-    Epoch ``e`` visits a permutation of the dataset drawn from ``(seed, e)`` in global batches
-    of ``global_batch`` samples (a tail that fills no batch is dropped); process ``rank`` of
-    ``world_size`` takes the ``rank``-th slice of ``global_batch / world_size`` samples. The
-    order thus depends only on the seed, not on the number of processes, and training step
-    ``s`` always sees global batch ``s % batches_per_epoch`` of epoch
-    ``s // batches_per_epoch`` (see :meth:`position`).
-    """
-
-    def __init__(self, num_samples, global_batch, rank=0, world_size=1, seed=0, shuffle=True):
-        if global_batch <= 0 or global_batch % world_size:
-            raise ValueError(f'the global batch size ({global_batch}) must be a positive '
-                             f'multiple of the number of processes ({world_size})')
-        self.num_samples = int(num_samples)
-        self.global_batch = int(global_batch)
-        self.local_batch = self.global_batch // world_size
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.batches_per_epoch = self.num_samples // self.global_batch
-        if self.batches_per_epoch == 0:
-            raise ValueError(f'the training set has {self.num_samples} clips, fewer than one '
-                             f'global batch of {self.global_batch}')
-        self.epoch, self.start_batch = 0, 0
-
-    def position(self, step):
-        """``(epoch, batch index in the epoch)`` that training step ``step`` uses."""
-        return divmod(int(step), self.batches_per_epoch)
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
-
-    def permutation(self, epoch):
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        g = torch.Generator()
-        g.manual_seed(derive_seed(self.seed, epoch, 'data-order'))
-        return torch.randperm(self.num_samples, generator=g)
-
-    def __iter__(self):
-        perm = self.permutation(self.epoch)
-        for i in range(self.start_batch, self.batches_per_epoch):
-            first = i * self.global_batch + self.rank * self.local_batch
-            yield perm[first:first + self.local_batch].tolist()
-
-    def __len__(self):
-        return self.batches_per_epoch - self.start_batch
 
 
 # ------------------------------------------------------------------------------------------
