@@ -436,6 +436,14 @@ class AOTInferEngine(nn.Module):
         merged = torch.cat([bg_prob] + fg, dim=1).clamp(1e-5, 1 - 1e-5)
         return torch.logit(merged)
 
+    def new_sub_engine(self):
+        """One more sub-engine (for objects ``10k+1 .. 10k+10``) with this engine's memory
+        policy."""
+        engine = self.engine_class(self.AOT, long_term_mem_gap=self.long_term_mem_gap,
+                                   short_term_mem_skip=self.short_term_mem_skip,
+                                   long_term_mem_max=self.long_term_mem_max)
+        return engine.eval()
+
     def add_reference_frame(self, img, mask, obj_nums, frame_step=-1):
         if isinstance(obj_nums, (list, tuple)):
             obj_nums = obj_nums[0]
@@ -443,10 +451,7 @@ class AOTInferEngine(nn.Module):
         self.obj_nums = obj_nums
         needed = max(math.ceil(obj_nums / self.max_aot_obj_num), 1)
         while len(self.aot_engines) < needed:
-            engine = self.engine_class(self.AOT, long_term_mem_gap=self.long_term_mem_gap,
-                                       short_term_mem_skip=self.short_term_mem_skip,
-                                       long_term_mem_max=self.long_term_mem_max)
-            engine.eval()
+            engine = self.new_sub_engine()
             if self.aot_engines and frame_step > 0:
                 # A sub-engine created mid-video counts its memory gap from this frame
                 # (upstream restarted it at 0).

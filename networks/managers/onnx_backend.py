@@ -292,6 +292,7 @@ class OnnxInferEngine:
 
     # The torch engine's own splitting, merging and per-frame fan-out over sub-engines (they
     # use only the attributes set below and the sub-engines' engine methods).
+    add_reference_frame = AOTInferEngine.add_reference_frame
     separate_mask = AOTInferEngine.separate_mask
     soft_logit_aggregation = AOTInferEngine.soft_logit_aggregation
     match_propogate_one_frame = AOTInferEngine.match_propogate_one_frame
@@ -310,22 +311,7 @@ class OnnxInferEngine:
         self.obj_nums = None
         self.input_size_2d = None
 
-    def add_reference_frame(self, img, mask, obj_nums, frame_step=-1):
-        if isinstance(obj_nums, (list, tuple)):
-            obj_nums = obj_nums[0]
-        self.obj_nums = obj_nums = int(obj_nums)
-        needed = max(math.ceil(obj_nums / self.max_aot_obj_num), 1)
-        while len(self.aot_engines) < needed:
-            engine = OnnxEngine(self.student, self.long_term_mem_gap, self.short_term_mem_skip,
-                                self.long_term_mem_max)
-            if self.aot_engines and frame_step > 0:
-                engine.frame_step = frame_step
-            self.aot_engines.append(engine)
-        masks, counts = self.separate_mask(mask, obj_nums)
-        img_embs = None
-        for engine, part, count in zip(self.aot_engines, masks, counts):
-            engine.add_reference_frame(img, part, obj_nums=[count], frame_step=frame_step,
-                                       img_embs=img_embs)
-            img_embs = engine.curr_enc_embs
-        self.input_size_2d = self.aot_engines[0].input_size_2d
+    def new_sub_engine(self):
+        return OnnxEngine(self.student, self.long_term_mem_gap, self.short_term_mem_skip,
+                          self.long_term_mem_max)
 
