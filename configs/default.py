@@ -150,6 +150,9 @@ class DefaultEngineConfig:
         self.TEST_MAX_LONG_EDGE = 800 * 1.3
         self.TEST_WORKERS = 4
         self.TEST_EMA = False
+        # Encoder in channels-last layout (AOT.set_channels_last): None = on the CPU only,
+        # where oneDNN's convolutions are faster in it; same values to float rounding.
+        self.TEST_CHANNELS_LAST = None
 
         # distillation (off: supervised stages; configs/kd_stage*.py turn it on)
         self.TRAIN_KD = False

@@ -91,3 +91,23 @@ def test_bf16_fast_path_stays_close_to_upstream_fp32(model_id, inputs, one_threa
     margin_ok = ~fixture['ambiguous_out'][frames]
     agree = (labels[frames] == fixture['labels_out'][frames])[margin_ok].mean()
     assert agree > 0.98, agree
+
+
+@pytest.mark.parametrize('model_id', MODELS)
+def test_channels_last_encoder_gives_the_same_logits(model_id, inputs):
+    """``set_channels_last`` (the CPU fast path of the encoder) changes only memory layout:
+    on the golden engine run its logits equal the default path's to float32 rounding (the
+    bound is 1e-5, about a hundred ulps at these magnitudes) and stay within the golden
+    tolerance of upstream's."""
+    fixture = golden(f'engine_{model_id}.npz')
+    cfg, model = build_recipe_model(model_id)
+    base = run_engine(model, cfg, inputs, fixture, teacher_forced=True)['logits_4x']
+    model.set_channels_last(True)
+    assert model.encoder_projector.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = run_engine(model, cfg, inputs, fixture, teacher_forced=True)['logits_4x']
+    model.set_channels_last(False)
+    live = _live(fixture['logits_4x'])
+    print(model_id, 'max |fast - default| =', float(np.abs(fast[live] - base[live]).max()))
+    np.testing.assert_allclose(fast[live], base[live], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(fast[live], fixture['logits_4x'][live], atol=1e-4, rtol=0)
+    assert (fast.argmax(1) == base.argmax(1)).all()

@@ -18,6 +18,8 @@ busy machine slows each of them alike):
 * ``deaott``, ``deaott_gda``: ours, fp32 (the exact default path: tiled windows, fused SDPA,
   live channels only, one argmax; GDA with its memory layout cached per write).
 * ``deaott@bf16``, ``deaott_gda@bf16``: the same under bf16 autocast (``--precision bf16``).
+* a ``+cl`` suffix (``deaott_gda+cl``, ``deaott_gda@bf16+cl``): the encoder in channels-last
+  layout (``AOT.set_channels_last``; same values to float rounding).
 
 ``deaott_gda`` loads the shipped student (``pretrain_models/deaott_gda_kd.pth``) when present;
 the others use random weights (speed does not depend on them). The reference mask has
@@ -226,21 +228,24 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     clock = StageClock()
-    models, ckpts = {}, {}
+    models, ckpts, keys = {}, {}, {}
     variants = []
     for spec in args.variants:
-        base, _, precision = spec.partition('@')
+        cl = spec.endswith('+cl')
+        base, _, precision = spec[:-3 if cl else None].partition('@')
         dtype = {'': None, 'fp32': None, 'bf16': torch.bfloat16}[precision]
         model_id = 'deaott' if base == 'upstream' else base
-        key = 'upstream' if base == 'upstream' else model_id
+        key = ('upstream' if base == 'upstream' else model_id) + ('+cl' if cl else '')
         if key not in models:
             ckpt = args.gda_ckpt if model_id.endswith('_gda') else None
             models[key], ckpts[key] = build_model(model_id, ckpt)
+            models[key].set_channels_last(cl)
             if base == 'upstream':
                 from networks.layers.attention_impl import set_attention_impl
                 set_attention_impl(models[key], local='dense', global_='explicit')
             instrument(models[key], clock)
         variants.append(Variant(spec, models[key], dtype, base == 'upstream', clock))
+        keys[spec] = key
 
     frames, mask, obj_num = load_inputs(args)
     out_size = tuple(args.out_size)
@@ -261,8 +266,9 @@ def main(argv=None):
         row = {'variant': v.name, 'median_ms': round(ms, 1), 'fps': round(1000 / ms, 3),
                'speedup_vs_' + base.name: round(base_ms / ms, 3),
                'stages_ms': {k: round(x, 1) for k, x in v.stages_ms().items()},
-               'ckpt': ckpts['upstream' if v.name == 'upstream' else v.name.split('@')[0]]}
-        twin = next((u for u in variants if u.name == v.name.split('@')[0]), None)
+               'ckpt': ckpts[keys[v.name]]}
+        # The fp32, default-layout twin whose labels this variant is compared with.
+        twin = next((u for u in variants if u.name == v.name.split('@')[0].split('+')[0]), None)
         if real and twin is not None and twin is not v and twin.labels:
             a, b = torch.stack(v.labels), torch.stack(twin.labels)
             row['label_agreement_vs_' + twin.name] = round((a == b).float().mean().item(), 5)

@@ -50,6 +50,15 @@ PRECISIONS = {'float32': torch.float32, 'fp32': torch.float32,
               'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
 
 
+def resolve_channels_last(setting, device):
+    """Whether inference runs the encoder channels-last: ``setting`` when it is a bool, else
+    (``None``) on the CPU only, where it is faster (docs/benchmark.md). Logits equal the
+    default layout's to float rounding (``tests/test_attention_impl.py``)."""
+    if setting is None:
+        return torch.device(device).type == 'cpu'
+    return bool(setting)
+
+
 def resolve_precision(dtype=None, amp=False, device='cpu'):
     """The compute dtype of an inference run: ``torch.float32`` (exact, the default),
     ``torch.bfloat16`` or ``torch.float16`` (run under ``torch.autocast``).

@@ -47,7 +47,8 @@ from networks.managers.eval_paths import (checkpoint_tag, eval_name,  # noqa: F4
                                           resolve_checkpoint, write_zip)
 from networks.models import build_vos_model, load_vos_model
 from utils.image import save_mask
-from utils.device import peak_memory_mb, resolve_device, resolve_precision
+from utils.device import (peak_memory_mb, resolve_channels_last, resolve_device,
+                          resolve_precision)
 from utils.io import atomic_write_json, file_sha256
 from utils.metrics import evaluate_davis
 from utils.timing import FrameTimer
@@ -151,11 +152,12 @@ class Evaluator:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(TEST_CKPT_SEED)
                 model = build_vos_model(cfg.MODEL_VOS, cfg)
-            return model.to(self.device).eval()
-        _, model, _ = load_vos_model(cfg.MODEL_ID, self.ckpt_path,
-                                     device=self.device, cfg=cfg)
-        self.print_log(f'Loaded checkpoint {self.ckpt_path}')
-        return model
+        else:
+            _, model, _ = load_vos_model(cfg.MODEL_ID, self.ckpt_path,
+                                         device=self.device, cfg=cfg)
+            self.print_log(f'Loaded checkpoint {self.ckpt_path}')
+        model.set_channels_last(resolve_channels_last(cfg.TEST_CHANNELS_LAST, self.device))
+        return model.to(self.device).eval()
 
     def prepare_dataset(self):
         cfg = self.cfg

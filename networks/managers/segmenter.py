@@ -58,7 +58,7 @@ from networks.managers.onnx_backend import OnnxInferEngine, open_for_segmenter
 from networks.models import allowed_missing_prefixes, load_vos_model
 from networks.models.zoo import DEFAULT_MODEL, PRETRAIN_DIR, expected_files, find_checkpoint
 from utils.checkpoint import load_network
-from utils.device import resolve_device, resolve_precision
+from utils.device import resolve_channels_last, resolve_device, resolve_precision
 from utils.image import read_mask
 from utils.video_io import open_frames
 
@@ -143,13 +143,16 @@ class VideoObjectSegmenter:
             must be the id it was exported from) with the same memory policy
             (``networks/managers/onnx_backend.py``). Float32 on the CPU only.
         onnx_threads: onnxruntime intra-op threads (default: ``torch.get_num_threads()``).
+        channels_last: run the encoder in channels-last layout (``None``: on the CPU, where
+            it is faster; same values to float rounding). A module passed as ``model`` is
+            left as it is.
     """
 
     def __init__(self, model=DEFAULT_MODEL, ckpt_path=AUTO_WEIGHTS, device=None, dtype=None,
                  amp=False, long_term_mem_max=APP_LONG_TERM_MEM_MAX, long_term_mem_gap=None,
                  short_term_mem_skip=None, max_resolution=DEFAULT_MAX_RESOLUTION,
                  return_probs=True, cfg=None, backend='torch', onnx_threads=None,
-                 max_memory_frames=_UNSET):
+                 channels_last=None, max_memory_frames=_UNSET):
         self.device = resolve_device(device)
         self.backend = backend
         self.onnx = None
@@ -179,6 +182,8 @@ class VideoObjectSegmenter:
                                   UntrainedWeightsWarning, stacklevel=2)
             self.cfg, self.model, self.load_report = load_vos_model(
                 model, ckpt_path=ckpt_path, device=self.device, cfg=cfg)
+            # A model built here (not one the caller passed in) gets the fast layout.
+            self.model.set_channels_last(resolve_channels_last(channels_last, self.device))
         self.model_id = getattr(self.cfg, 'MODEL_ID', str(model))
         self.ckpt_path = ckpt_path
         self.dtype = resolve_precision(dtype, amp, self.device)

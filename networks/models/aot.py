@@ -35,6 +35,7 @@ class AOT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.max_obj_num = cfg.MODEL_MAX_OBJ_NUM
+        self.channels_last = False  # set_channels_last: encoder in NHWC layout (CPU speed)
         self.epsilon = cfg.MODEL_EPSILON
         d = cfg.MODEL_ENCODER_EMBEDDING_DIM
 
@@ -79,9 +80,26 @@ class AOT(nn.Module):
             nn.init.orthogonal_(flat, gain=k ** -2)
             w.copy_(flat.view_as(w))
 
+    def set_channels_last(self, enabled=True):
+        """Run the image encoder (and its projector) in channels-last memory layout.
+
+        On the CPU, oneDNN's convolutions of the MobileNetV2 encoder are faster on NHWC
+        tensors (docs/benchmark.md); the values do not change (same kernels' arithmetic:
+        ``tests/test_attention_impl.py`` checks the golden engine run with it on). Only the
+        layout of the weights and of the input changes, so ``state_dict`` is unaffected.
+        Returns ``self``.
+        """
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        self.encoder.to(memory_format=fmt)
+        self.encoder_projector.to(memory_format=fmt)
+        self.channels_last = bool(enabled)
+        return self
+
     # -- steps used by the engines ----------------------------------------------------
     def encode_image(self, img):
         """``(B, 3, H, W)`` -> ``[x4, x8, x16, projected x16b]``."""
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
         xs = self.encoder(img)
         xs[-1] = self.encoder_projector(xs[-1])
         return xs
