@@ -46,7 +46,8 @@ def build_parser():
     p.add_argument('--frames', type=int, default=20)
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--max_memory_frames', type=int, default=8)
+    p.add_argument('--lt_max', '--max_memory_frames', dest='lt_max', type=int, default=8,
+                   help='long-term memory cap (long_term_mem_max; docs/memory.md)')
     p.add_argument('--int8', action='store_true', help='also the dynamically quantised copy')
     p.add_argument('--no_memory', action='store_true', help='skip the per-backend subprocesses')
     p.add_argument('--_child', default='', help=argparse.SUPPRESS)
@@ -103,7 +104,7 @@ def load_model(args):
 
 def make_segmenter(kind, args, cfg=None, model=None, onnx_path=None):
     from networks.managers.segmenter import VideoObjectSegmenter
-    common = dict(device='cpu', long_term_mem_max=args.max_memory_frames)
+    common = dict(device='cpu', long_term_mem_max=args.lt_max)
     if kind == 'torch':
         return VideoObjectSegmenter(model, ckpt_path=None, cfg=cfg, **common)
     return VideoObjectSegmenter(args.model, ckpt_path=onnx_path, backend='onnxruntime',
@@ -202,7 +203,7 @@ def _compare(args, tmp):
     result = {'model': args.model, 'weights': weights, 'frames': source,
               'frame_size': list(args.frame_size), 'threads': args.threads,
               'timed_frames': len(times['torch']), 'torch': torch.__version__,
-              'max_memory_frames': args.max_memory_frames, 'backends': {}}
+              'long_term_mem_max': args.lt_max, 'backends': {}}
     if not args.onnx:
         result['export_seconds'] = round(export_s, 1)
     import onnxruntime
@@ -229,7 +230,7 @@ def _compare(args, tmp):
             cmd = [sys.executable, os.path.abspath(__file__), '--_child',
                    'torch' if n == 'torch' else 'onnx', '--model', args.model,
                    '--frames', str(args.frames), '--threads', str(args.threads),
-                   '--max_memory_frames', str(args.max_memory_frames),
+                   '--lt_max', str(args.lt_max),
                    '--frame_size', *map(str, args.frame_size)]
             if args.ckpt_path:
                 cmd += ['--ckpt_path', args.ckpt_path]

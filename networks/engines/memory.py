@@ -16,14 +16,14 @@ import torch
 
 from networks.layers.memory_entry import MemoryEntry
 
-__all__ = ['APP_LONG_TERM_MEM_MAX', 'MemoryEntry', 'VOSMemory']
+__all__ = ['APP_LONG_TERM_MEM_MAX', 'MemoryEntry', 'VOSMemory']  # MemoryEntry: from the layers
 
 # The long-term cap (one name everywhere: ``long_term_mem_max`` / TEST_LONG_TERM_MEM_MAX /
 # ``--lt_max``). Evaluation keeps upstream's unbounded memory (TEST_LONG_TERM_MEM_MAX = None),
 # so DAVIS / YouTube-VOS scores compare with published ones; the application entry points
 # (VideoObjectSegmenter, tools/demo.py) bound it, so memory and time per frame stay flat on
 # long videos. docs/memory.md has the table and the measurements.
-APP_LONG_TERM_MEM_MAX = 8  # MemoryEntry lives with the layers that build it
+APP_LONG_TERM_MEM_MAX = 8
 
 
 @dataclass

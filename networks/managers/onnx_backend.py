@@ -13,7 +13,6 @@ Needs the optional dependency ``onnxruntime`` (``pip install -e '.[onnx]'``). Fl
 (or any onnxruntime execution provider passed as ``providers``), batch size 1.
 """
 import json
-import math
 import os
 
 import torch
@@ -189,9 +188,6 @@ class OnnxEngine:
         self.student = student
         self.layout = student.layout
         self.align_corners = bool(student.config['MODEL_ALIGN_CORNERS'])
-        self.long_term_mem_gap = long_term_mem_gap
-        self.short_term_mem_skip = short_term_mem_skip
-        self.long_term_mem_max = long_term_mem_max
         self.frame_step = 0
         self.obj_nums = None
         self.input_size_2d = None
