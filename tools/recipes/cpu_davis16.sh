@@ -5,6 +5,7 @@
 # ablation runs. Every stage resumes from its latest checkpoint when run again.
 #
 #   bash tools/recipes/cpu_davis16.sh teacher          # PRE + PRE_DAV of the teacher
+#   bash tools/recipes/cpu_davis16.sh teacher_ft       # a whole PRE_DAV schedule from it
 #   bash tools/recipes/cpu_davis16.sh student          # KD stage 1 + 2 of deaott_gda
 #   bash tools/recipes/cpu_davis16.sh student_mo       # + the multi-object KD fine-tune (shipped)
 #   bash tools/recipes/cpu_davis16.sh RUN              # one ablation run (see below)
@@ -50,6 +51,16 @@ teacher() {
         --set "${sets[@]}"
 }
 
+# teacher_ft: the shipped teacher stopped at step 400 of its PRE_DAV schedule, before the LR
+# decayed and with 50 steps of the sequential phase. This gives it a whole PRE_DAV schedule
+# (T_FT steps, fresh optimizer) from the shipped float16 file (docs/results.md).
+T_FT=${T_FT:-700}
+teacher_ft() {
+    python3 tools/train.py --stage pre_dav --exp_name teacher_ft --model deaotl "${common[@]}" "${sup_amp[@]}" \
+        --datasets davis2016 --total_step "$T_FT" --save_step 100 \
+        --pretrained_path "${TEACHER_FT_FROM:-pretrain_models/deaotl_teacher.pth}" --set "${sets[@]}"
+}
+
 # kd EXP MODEL [extra train.py flags...]: KD stage 1 then stage 2 of one student.
 kd() {
     local exp=$1 model=$2; shift 2
@@ -90,6 +101,7 @@ sup() {
 
 case "${1:-}" in
     teacher) teacher ;;
+    teacher_ft) teacher_ft ;;                           # the teacher's PRE_DAV, completed
     student) kd kd deaott_gda ;;                        # the recipe's student, lambda = 1.5
     student_mo) student_mo ;;                           # + multi-object fine-tune: shipped
     student_seed1) kd kd_seed1 deaott_gda --seed 1 ;;   # noise: a second seed
@@ -97,6 +109,6 @@ case "${1:-}" in
     kd_vanilla) kd kd_vanilla deaott ;;                 # vanilla-attention student (Table 1)
     sup_deaott) sup sup deaott ;;                       # supervised, vanilla
     sup_deaott_gda) sup sup deaott_gda ;;               # supervised, GDA
-    *) echo "usage: $0 teacher|student|student_mo|student_seed1|kd_lambda0|kd_vanilla|sup_deaott|sup_deaott_gda" >&2
+    *) echo "usage: $0 teacher|teacher_ft|student|student_mo|student_seed1|kd_lambda0|kd_vanilla|sup_deaott|sup_deaott_gda" >&2
        exit 2 ;;
 esac
