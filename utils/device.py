@@ -1,6 +1,7 @@
 """The compute device: choosing it from a user's ``--device`` (or its absence), and the
 peak memory a run used on it."""
 import sys
+import warnings
 
 import torch
 
@@ -50,6 +51,30 @@ PRECISIONS = {'float32': torch.float32, 'fp32': torch.float32,
               'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16}
 
 
+class SlowPrecisionWarning(UserWarning):
+    """The requested compute dtype is emulated on this CPU and will be much slower."""
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU runs bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it).
+    Without it, CPU autocast to bf16 emulates the type: a ``deaotl`` training step ran 8x
+    slower than float32 on an AVX2-only EPYC (docs/results.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN: assume emulation
+        return False
+
+
+def warn_if_emulated(dtype, device):
+    """Warn (:class:`SlowPrecisionWarning`) when ``dtype`` is bf16 on a CPU that emulates it;
+    the run stays correct, only slow, so this does not stop it."""
+    if dtype == torch.bfloat16 and torch.device(device).type == 'cpu' \
+            and not cpu_has_native_bf16():
+        warnings.warn('bf16 on this CPU is emulated (no AVX512-BF16/AMX): expect it to be '
+                      'several times slower than fp32; drop --amp / --precision bf16 here',
+                      SlowPrecisionWarning, stacklevel=3)
+
+
 def resolve_channels_last(setting, device):
     """Whether inference runs the encoder channels-last: ``setting`` when it is a bool, else
     (``None``) on the CPU only, where it is faster (docs/benchmark.md). Logits equal the
@@ -65,9 +90,15 @@ def resolve_precision(dtype=None, amp=False, device='cpu'):
 
     ``dtype``: a name (``'fp32'``, ``'bf16'``, ``'fp16'``, ...) or a torch dtype; it wins over
     ``amp``. ``amp=True``: the usual autocast dtype of the device: bf16 on CPU (fp16 matmuls are
-    slow there; this CPU has AVX512-BF16), fp16 on CUDA (what upstream's ``--amp`` uses).
+    slow there), fp16 on CUDA (what upstream's ``--amp`` uses). bf16 on a CPU without native
+    bf16 warns (:func:`warn_if_emulated`).
     """
-    device = torch.device(device)
+    dtype = _precision_dtype(dtype, amp, torch.device(device))
+    warn_if_emulated(dtype, device)
+    return dtype
+
+
+def _precision_dtype(dtype, amp, device):
     if dtype is None:
         if not amp:
             return torch.float32

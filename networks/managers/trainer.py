@@ -23,7 +23,7 @@ from networks.models import allowed_missing_prefixes, build_vos_model
 from utils.checkpoint import (CheckpointReadError, atomic_torch_save, checkpoint_path,
                               extract_state_dict, list_checkpoints, load_checkpoint_file,
                               load_network, prune_checkpoints, save_network)
-from utils.device import resolve_device
+from utils.device import resolve_device, warn_if_emulated
 from utils.ema import ModelEma, ema_decay
 from utils.learning import adjust_learning_rate, get_trainable_params, load_optimizer_state
 from utils.meters import MetricAccumulator
@@ -100,6 +100,8 @@ class Trainer:
         if amp_dtype not in AMP_DTYPES:
             raise ValueError(f'amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}')
         self.amp_dtype = AMP_DTYPES[amp_dtype]
+        if self.enable_amp:
+            warn_if_emulated(self.amp_dtype, self.device)
         self.scaler = None
         if self.enable_amp and self.amp_dtype == torch.float16:
             self.scaler = torch.amp.GradScaler(self.device.type)
