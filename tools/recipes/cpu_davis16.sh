@@ -8,6 +8,7 @@
 #   bash tools/recipes/cpu_davis16.sh teacher_ft       # a whole PRE_DAV schedule from it
 #   bash tools/recipes/cpu_davis16.sh student          # KD stage 1 + 2 of deaott_gda
 #   bash tools/recipes/cpu_davis16.sh student_mo       # + the multi-object KD fine-tune (shipped)
+#   bash tools/recipes/cpu_davis16.sh student_ft       # KD fine-tune of it from teacher_ft
 #   bash tools/recipes/cpu_davis16.sh RUN              # one ablation run (see below)
 #
 # Data: DATA=<root> holding Static/ (coco128-static: images/ + masks/) and DAVIS/
@@ -34,10 +35,21 @@ SHORT_EDGE=${SHORT_EDGE:-240}
 
 common=(--device cpu --gpu_num "$PROCS" --batch_size 2 --workers 1 --no_progress
         --data_path "$DATA" --log_step 20)
-# Supervised stages train under bf16 autocast (1.25x faster here, same loss curve as fp32:
-# docs/results.md). Distillation runs in fp32: under CPU autocast the frozen teacher's linear
-# layers made a KD step 3x slower (7.4 s against 2.4 s, docs/results.md).
-sup_amp=(--amp --amp_dtype bf16)
+# Supervised stages train under bf16 autocast where the CPU has native bf16 (AVX512-BF16 or
+# AMX: 1.25x faster there, same loss curve as fp32). Elsewhere autocast emulates bf16 and a
+# teacher step ran 8x slower than fp32 (an AVX2-only EPYC), so SUP_AMP=auto (the default) picks
+# bf16 only where it is native; SUP_AMP=bf16 or fp32 forces one (docs/results.md).
+# Distillation runs in fp32: under CPU autocast the frozen teacher's linear layers made a KD
+# step 3x slower (7.4 s against 2.4 s, docs/results.md).
+SUP_AMP=${SUP_AMP:-auto}
+if [ "$SUP_AMP" = auto ]; then
+    SUP_AMP=$(python3 -c "from utils.device import cpu_has_native_bf16 as n; print('bf16' if n() else 'fp32')")
+fi
+case "$SUP_AMP" in
+    bf16) sup_amp=(--amp --amp_dtype bf16) ;;
+    fp32) sup_amp=() ;;
+    *) echo "SUP_AMP must be bf16 or fp32, got '${SUP_AMP}'" >&2; exit 2 ;;
+esac
 sets=(DATA_RANDOMCROP=$CROP DATA_SHORT_EDGE_LEN=$SHORT_EDGE MODEL_ENCODER_PRETRAIN=$ENC
       TRAIN_MAX_KEEP_CKPT=2)
 TEACHER_CKPT=${TEACHER_CKPT:-$ROOT/result/teacher_DeAOTL/PRE_DAV/ema_ckpt/save_step_$T_DAV_STOP.pth}
@@ -86,6 +98,17 @@ student_mo() {
         --total_step "$S_MO" --save_step 100 --pretrained_path "$STUDENT_CKPT" --set "${sets[@]}"
 }
 
+# student_ft: the shipped student distilled further, S_FT label-free steps on the same mixed
+# data as student_mo, from the fine-tuned teacher of teacher_ft (docs/results.md).
+S_FT=${S_FT:-600}
+TEACHER_FT_CKPT=${TEACHER_FT_CKPT:-$ROOT/result/teacher_ft_DeAOTL/PRE_DAV/ema_ckpt/save_step_$T_FT.pth}
+student_ft() {
+    python3 tools/train.py --stage kd_stage2 --exp_name kd_ft --model deaott_gda "${common[@]}" \
+        --teacher deaotl --teacher_ckpt "$TEACHER_FT_CKPT" --datasets static davis2016 \
+        --total_step "$S_FT" --save_step 100 \
+        --pretrained_path "${STUDENT_FT_FROM:-pretrain_models/deaott_gda_kd.pth}" --set "${sets[@]}"
+}
+
 # sup EXP MODEL: the supervised baseline on the student's budget (PRE + PRE_DAV).
 sup() {
     local exp=$1 model=$2
@@ -104,11 +127,12 @@ case "${1:-}" in
     teacher_ft) teacher_ft ;;                           # the teacher's PRE_DAV, completed
     student) kd kd deaott_gda ;;                        # the recipe's student, lambda = 1.5
     student_mo) student_mo ;;                           # + multi-object fine-tune: shipped
+    student_ft) student_ft ;;                           # + KD from the fine-tuned teacher
     student_seed1) kd kd_seed1 deaott_gda --seed 1 ;;   # noise: a second seed
     kd_lambda0) kd kd_lambda0 deaott_gda --kd_lambda 0 ;;  # logit terms only (Table 2)
     kd_vanilla) kd kd_vanilla deaott ;;                 # vanilla-attention student (Table 1)
     sup_deaott) sup sup deaott ;;                       # supervised, vanilla
     sup_deaott_gda) sup sup deaott_gda ;;               # supervised, GDA
-    *) echo "usage: $0 teacher|teacher_ft|student|student_mo|student_seed1|kd_lambda0|kd_vanilla|sup_deaott|sup_deaott_gda" >&2
+    *) echo "usage: $0 teacher|teacher_ft|student|student_mo|student_ft|student_seed1|kd_lambda0|kd_vanilla|sup_deaott|sup_deaott_gda" >&2
        exit 2 ;;
 esac
