@@ -716,8 +716,12 @@ def _kd_ddp_worker(rank, root, init_file):
 
 
 # A vanilla deaott student distilled from a random deaott teacher (its first GPM layer).
+# SGD, not AdamW: the comparison is of the reduced gradients, and AdamW's g / sqrt(v) turns the
+# float rounding of a near-zero gradient element into an update of full size (on an AVX2-only
+# CPU two AdamW steps differed by 1.3e-5 against 1e-3 updates); an SGD update is linear in the
+# gradient, so rounding stays rounding while a missing reduction still moves it by ~100%.
 KD_TRAINER_FIELDS = dict(TRAIN_KD=True, KD_TEACHER='deaott', KD_TEACHER_CKPT=RANDOM_TEACHER,
-                         KD_TEACHER_LAYER=1, TRAIN_LSTT_DROPPATH=0.0)
+                         KD_TEACHER_LAYER=1, TRAIN_LSTT_DROPPATH=0.0, TRAIN_OPT='sgd')
 
 
 @pytest.mark.slow  # two spawned processes and a single-process run, ~40 s
@@ -745,4 +749,6 @@ def test_kd_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     max_update = max((one[k] - initial[k]).abs().max().item() for k in one)
     assert max_update > 1e-4   # far above the tolerance: a missing reduction would show
     for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=5e-6, msg=key)
+        # The updates themselves, to a few float32 ulps of the weights (~7e-9 here).
+        torch.testing.assert_close(ddp[key] - initial[key], one[key] - initial[key],
+                                   rtol=1e-3, atol=5e-8, msg=key)

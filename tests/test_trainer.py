@@ -117,8 +117,11 @@ def _ddp_worker(rank, root, init_file, fields):
 def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     # Step 0 is a normal step, step 1 is in the sequential phase (the ID bank gets no
     # gradient there, so the DDP wrapper is rebuilt for the new set of unused parameters).
-    # Drop-path and dropout are off: their masks are drawn per process.
-    fields = dict(TRAIN_SEQ_TRAINING_START_RATIO=0.25, TRAIN_LSTT_DROPPATH=0.0)
+    # Drop-path and dropout are off: their masks are drawn per process. SGD, not AdamW: the
+    # comparison is of the reduced gradients, and AdamW's g / sqrt(v) turns the float rounding of
+    # a near-zero gradient element into a full-size update (on an AVX2-only CPU the AdamW weights
+    # differed by 1e-5 against 1e-3 updates); an SGD update is linear in the gradient.
+    fields = dict(TRAIN_SEQ_TRAINING_START_RATIO=0.25, TRAIN_LSTT_DROPPATH=0.0, TRAIN_OPT='sgd')
     ddp_root = tmp_path / 'ddp'
     mp.spawn(_ddp_worker, args=(str(ddp_root), str(tmp_path / 'rendezvous'), fields), nprocs=2,
              join=True)
@@ -137,7 +140,9 @@ def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     max_update = max((one[k] - initial[k]).abs().max().item() for k in one)
     assert max_update > 1e-4
     for key in one:
-        torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=5e-6, msg=key)
+        # The updates themselves, to a few float32 ulps of the weights.
+        torch.testing.assert_close(ddp[key] - initial[key], one[key] - initial[key],
+                                   rtol=1e-3, atol=5e-8, msg=key)
     total_diff = sum((ddp[k] - one[k]).double().abs().sum().item() for k in one)
     total_update = sum((one[k] - initial[k]).double().abs().sum().item() for k in one)
     assert total_diff < 1e-3 * total_update
@@ -148,8 +153,10 @@ def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
         [g['name'] for g in opt_one['param_groups']]
     assert not any(g['name'].startswith('module.') for g in opt_ddp['param_groups'])
     for idx, state in opt_one['state'].items():
-        torch.testing.assert_close(opt_ddp['state'][idx]['exp_avg'], state['exp_avg'],
-                                   rtol=1e-4, atol=1e-8)
+        buf = state['momentum_buffer']
+        # Summation order differs between the two runs: rounding of the tensor's largest terms.
+        torch.testing.assert_close(opt_ddp['state'][idx]['momentum_buffer'], buf, rtol=1e-4,
+                                   atol=1e-6 * buf.abs().max().item() + 1e-12)
     # EMA (rank 0) agrees.
     ema_ddp, ema_one = saved(ddp_cfg, 2, ema=True), saved(single_cfg, 2, ema=True)
     for key in one:
