@@ -7,8 +7,8 @@
 #   bash tools/recipes/cpu_davis16.sh teacher          # PRE + PRE_DAV of the teacher
 #   bash tools/recipes/cpu_davis16.sh teacher_ft       # a whole PRE_DAV schedule from it
 #   bash tools/recipes/cpu_davis16.sh student          # KD stage 1 + 2 of deaott_gda
-#   bash tools/recipes/cpu_davis16.sh student_mo       # + the multi-object KD fine-tune (shipped)
-#   bash tools/recipes/cpu_davis16.sh student_ft       # KD fine-tune of it from teacher_ft
+#   bash tools/recipes/cpu_davis16.sh student_mo       # + the multi-object KD fine-tune
+#   bash tools/recipes/cpu_davis16.sh student_ft       # + KD fine-tune from teacher_ft (shipped)
 #   bash tools/recipes/cpu_davis16.sh RUN              # one ablation run (see below)
 #
 # Data: DATA=<root> holding Static/ (coco128-static: images/ + masks/) and DAVIS/
@@ -24,7 +24,7 @@ PROCS=${PROCS:-2}
 # Steps per stage (the budget of a 2-core CPU; see docs/results.md).
 T_PRE=${T_PRE:-1000}
 T_DAV=${T_DAV:-700}
-# The shipped teacher stopped at step 400 of its 700-step PRE_DAV schedule (the session's time
+# The first teacher stopped at step 400 of its 700-step PRE_DAV schedule (the session's time
 # ran out; docs/results.md): --stop_step keeps the schedule and stops there.
 T_DAV_STOP=${T_DAV_STOP:-400}
 S_KD1=${S_KD1:-250}
@@ -63,14 +63,16 @@ teacher() {
         --set "${sets[@]}"
 }
 
-# teacher_ft: the shipped teacher stopped at step 400 of its PRE_DAV schedule, before the LR
+# teacher_ft: the first teacher stopped at step 400 of its PRE_DAV schedule, before the LR
 # decayed and with 50 steps of the sequential phase. This gives it a whole PRE_DAV schedule
-# (T_FT steps, fresh optimizer) from the shipped float16 file (docs/results.md).
+# (T_FT steps, fresh optimizer) from it. The shipped teacher started from the first teacher's
+# float16 file (TEACHER_FT_FROM=<git show 6f41cdb:pretrain_models/deaotl_teacher.pth>; its J&F
+# equals the float32 checkpoint's to 0.1, docs/results.md).
 T_FT=${T_FT:-700}
 teacher_ft() {
     python3 tools/train.py --stage pre_dav --exp_name teacher_ft --model deaotl "${common[@]}" "${sup_amp[@]}" \
         --datasets davis2016 --total_step "$T_FT" --save_step 100 \
-        --pretrained_path "${TEACHER_FT_FROM:-pretrain_models/deaotl_teacher.pth}" --set "${sets[@]}"
+        --pretrained_path "${TEACHER_FT_FROM:-$TEACHER_CKPT}" --set "${sets[@]}"
 }
 
 # kd EXP MODEL [extra train.py flags...]: KD stage 1 then stage 2 of one student.
@@ -88,7 +90,7 @@ kd() {
         "$@" --set "${sets[@]}"
 }
 
-# student_mo: the shipped student. KD stage 2 on DAVIS-2016 clips holds one object per clip,
+# student_mo: the previous shipped student. KD stage 2 on DAVIS-2016 clips holds one object per clip,
 # so the student never had to tell objects apart there; this label-free fine-tune of S_MO steps
 # mixes coco128 static clips (several objects each) back in (docs/results.md).
 STUDENT_CKPT=${STUDENT_CKPT:-$ROOT/result/kd_DeAOTT_GDA/KD_STAGE2/ema_ckpt/save_step_$S_KD2.pth}
@@ -98,15 +100,16 @@ student_mo() {
         --total_step "$S_MO" --save_step 100 --pretrained_path "$STUDENT_CKPT" --set "${sets[@]}"
 }
 
-# student_ft: the shipped student distilled further, S_FT label-free steps on the same mixed
-# data as student_mo, from the fine-tuned teacher of teacher_ft (docs/results.md).
+# student_ft: the shipped student. student_mo's student distilled further, S_FT label-free steps
+# on the same mixed data, from the fine-tuned teacher of teacher_ft (docs/results.md). The shipped
+# run started from student_mo's exported file (sha256 8f6f6336..., the same float32 weights).
 S_FT=${S_FT:-600}
 TEACHER_FT_CKPT=${TEACHER_FT_CKPT:-$ROOT/result/teacher_ft_DeAOTL/PRE_DAV/ema_ckpt/save_step_$T_FT.pth}
 student_ft() {
     python3 tools/train.py --stage kd_stage2 --exp_name kd_ft --model deaott_gda "${common[@]}" \
         --teacher deaotl --teacher_ckpt "$TEACHER_FT_CKPT" --datasets static davis2016 \
         --total_step "$S_FT" --save_step 100 \
-        --pretrained_path "${STUDENT_FT_FROM:-pretrain_models/deaott_gda_kd.pth}" --set "${sets[@]}"
+        --pretrained_path "${STUDENT_FT_FROM:-$ROOT/result/kd_mo_DeAOTT_GDA/KD_STAGE2/ema_ckpt/save_step_$S_MO.pth}" --set "${sets[@]}"
 }
 
 # sup EXP MODEL: the supervised baseline on the student's budget (PRE + PRE_DAV).
@@ -126,8 +129,8 @@ case "${1:-}" in
     teacher) teacher ;;
     teacher_ft) teacher_ft ;;                           # the teacher's PRE_DAV, completed
     student) kd kd deaott_gda ;;                        # the recipe's student, lambda = 1.5
-    student_mo) student_mo ;;                           # + multi-object fine-tune: shipped
-    student_ft) student_ft ;;                           # + KD from the fine-tuned teacher
+    student_mo) student_mo ;;                           # + multi-object fine-tune
+    student_ft) student_ft ;;                           # + KD from teacher_ft: shipped
     student_seed1) kd kd_seed1 deaott_gda --seed 1 ;;   # noise: a second seed
     kd_lambda0) kd kd_lambda0 deaott_gda --kd_lambda 0 ;;  # logit terms only (Table 2)
     kd_vanilla) kd kd_vanilla deaott ;;                 # vanilla-attention student (Table 1)
